@@ -1,0 +1,169 @@
+"""The probe's child process: load the model once, then run real training steps on request.
+
+Run as ``python -m autobatch._trial``. It reads one JSON command per line on
+stdin and answers one line ``@@autobatch {json}`` per command on stdout, so an
+out-of-memory kill here can never take the caller down with it. Anything
+TensorFlow prints goes to stderr.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+from typing import Any, TextIO
+
+from autobatch._memory import is_oom_error, peak_rss_bytes, reset_peak_rss, rss_bytes
+
+REPLY_PREFIX = "@@autobatch "
+
+
+def pack_batch(inputs: Any, targets: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Flatten (inputs, targets) into named arrays plus a JSON-able structure description."""
+    import numpy as np
+
+    arrays: dict[str, Any] = {}
+
+    def flatten(value: Any, prefix: str) -> Any:
+        if value is None:
+            return {"type": "none"}
+        if isinstance(value, dict):
+            return {"type": "dict", "items": {str(k): flatten(v, f"{prefix}.{k}") for k, v in value.items()}}
+        if isinstance(value, (tuple, list)):
+            return {"type": "tuple", "items": [flatten(v, f"{prefix}.{i}") for i, v in enumerate(value)]}
+        arrays[prefix] = np.asarray(value)
+        return {"type": "array", "name": prefix}
+
+    structure = {"x": flatten(inputs, "x"), "y": flatten(targets, "y")}
+    return arrays, structure
+
+
+def unpack_batch(arrays: Any, structure: dict[str, Any]) -> tuple[Any, Any]:
+    def build(node: dict[str, Any]) -> Any:
+        kind = node["type"]
+        if kind == "none":
+            return None
+        if kind == "dict":
+            return {k: build(v) for k, v in node["items"].items()}
+        if kind == "tuple":
+            return tuple(build(v) for v in node["items"])
+        return arrays[node["name"]]
+
+    return build(structure["x"]), build(structure["y"])
+
+
+def _send(out: TextIO, message: dict[str, Any]) -> None:
+    out.write(REPLY_PREFIX + json.dumps(message) + "\n")
+    out.flush()
+
+
+def _load(message: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        # Without growth TF reserves nearly all device memory up front and every trial reads "full".
+        tf.config.experimental.set_memory_growth(gpu, True)
+    import keras
+
+    ref = message["model"]
+    if ref["kind"] == "file":
+        model = keras.saving.load_model(ref["path"])
+    else:
+        from autobatch._loading import resolve_callable
+
+        model = resolve_callable(ref["spec"], what="model")()
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"the model reference {ref} did not give a keras.Model, but {type(model)}")
+    if not getattr(model, "compiled", False) or model.optimizer is None:
+        raise ValueError("the model is not compiled: call model.compile(optimizer=..., loss=...) before probing")
+    device = "CPU"
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        device = f"GPU:0 ({details.get('device_name', 'unknown')})"
+    info = {
+        "ok": True,
+        "device": device,
+        "gpu": bool(gpus),
+        "baseline_rss_bytes": rss_bytes(),
+        "param_count": int(model.count_params()),
+        "model_name": model.name,
+    }
+    return model, info
+
+
+def _trial(model: Any, message: dict[str, Any], gpu: bool) -> dict[str, Any]:
+    import numpy as np
+
+    with np.load(message["arrays"], allow_pickle=False) as loaded:
+        arrays = {name: loaded[name] for name in loaded.files}
+    x, y = unpack_batch(arrays, message["structure"])
+    gc.collect()
+    reset_peak_rss()
+    if gpu:
+        import tensorflow as tf
+
+        tf.config.experimental.reset_memory_stats("GPU:0")
+    times = []
+    for _ in range(int(message.get("steps", 3))):
+        start = time.perf_counter()
+        model.train_on_batch(x, y)
+        times.append(time.perf_counter() - start)
+    reply: dict[str, Any] = {
+        "ok": True,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "rss_bytes": rss_bytes(),
+        "first_step_seconds": times[0],
+        "seconds_per_step": float(np.median(times[1:])) if len(times) > 1 else times[0],
+        "gpu_peak_bytes": None,
+    }
+    if gpu:
+        import tensorflow as tf
+
+        reply["gpu_peak_bytes"] = int(tf.config.experimental.get_memory_info("GPU:0")["peak"])
+    del x, y, arrays
+    gc.collect()
+    return reply
+
+
+def main() -> None:
+    # Keep the real stdout for replies; anything else printed goes to stderr.
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    model: Any = None
+    gpu = False
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        message = json.loads(line)
+        try:
+            if message["cmd"] == "exit":
+                break
+            if message["cmd"] == "load":
+                model, info = _load(message)
+                gpu = info["gpu"]
+                _send(out, info)
+            elif message["cmd"] == "trial":
+                _send(out, _trial(model, message, gpu))
+            else:
+                _send(out, {"ok": False, "error": f"unknown command {message['cmd']!r}"})
+        except Exception as exc:
+            _send(
+                out,
+                {
+                    "ok": False,
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "oom": is_oom_error(exc),
+                    "traceback": traceback.format_exc(limit=8),
+                },
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Command line: ``autobatch probe DATA ...``. Thin: parse, call the public API, render."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.text import Text
+
+from autobatch import __version__
+from autobatch.api import plan
+from autobatch.errors import AutobatchError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.1, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    return tuple(_positive_int(part) for part in text.split(",") if part.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autobatch", description="Measure the memory of Keras training and plan a batch size that fits."
+    )
+    parser.add_argument("--version", action="version", version=f"autobatch {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    probe = commands.add_parser(
+        "probe",
+        help="measure data, preprocessing and a training step; print the plan",
+        description="Measure bytes per sample after preprocessing (random and worst-case batch) and, with "
+        "--model, real training-step memory in a child process; then plan the largest safe batch size.",
+    )
+    probe.add_argument(
+        "data", help="CSV/Parquet file, directory or glob of shard files (0.csv, 1.csv, ...), or module:function"
+    )
+    probe.add_argument("--target", action="append", help="target column (repeat for several)")
+    probe.add_argument("--preprocess", help="module:function or file.py:function (batch_x, batch_y) -> (inputs, targets)")
+    probe.add_argument("--model", help="a .keras file, or module:function returning a compiled model")
+    probe.add_argument("--ram-limit", help="peak host RAM for training, e.g. 8GiB (default: free RAM, cgroup-capped)")
+    probe.add_argument("--gpu-limit", help="device memory per replica, e.g. 16GiB (default: free GPU memory)")
+    probe.add_argument("--safety", type=_fraction, default=0.1, help="fraction of each budget kept free (default 0.1)")
+    probe.add_argument("--max-batch-size", type=_positive_int)
+    probe.add_argument("--multiple-of", type=_positive_int, help="round the batch size down to a multiple of N")
+    probe.add_argument("--sample-batch-size", type=_positive_int, default=32)
+    probe.add_argument("--trial-batch-sizes", type=_sizes, help="comma-separated batch sizes of the real trials")
+    probe.add_argument("--no-confirm", action="store_true", help="skip the confirming trial at the planned size")
+    probe.add_argument("--no-cache", action="store_true", help="measure again even if a cached probe matches")
+    probe.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    probe.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, console: Console | None = None) -> int:
+    """Run the CLI; returns (and exits with) 0 on success, 1 on an autobatch error, 2 on a usage error."""
+    args = build_parser().parse_args(argv)
+    console = console or Console()
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    target = None if not args.target else (args.target[0] if len(args.target) == 1 else args.target)
+    probe_options = {"sample_batch_size": args.sample_batch_size}
+    if args.trial_batch_sizes:
+        probe_options["trial_batch_sizes"] = args.trial_batch_sizes
+    try:
+        result = plan(
+            args.data,
+            target,
+            preprocess=args.preprocess,
+            model=args.model,
+            ram_limit=args.ram_limit,
+            gpu_limit=args.gpu_limit,
+            safety=args.safety,
+            max_batch_size=args.max_batch_size,
+            multiple_of=args.multiple_of,
+            confirm=not args.no_confirm,
+            cache=not args.no_cache,
+            **probe_options,
+        )
+    except AutobatchError as exc:
+        if args.debug:
+            raise
+        Console(stderr=True).print(Text.assemble((type(exc).__name__, "bold red"), ": ", str(exc)), highlight=False)
+        return _exit(1, argv)
+    if args.json:
+        print(json.dumps(result.to_dict()), file=console.file)
+    else:
+        console.print(result.probe)
+        console.print(result)
+    return _exit(0, argv)
+
+
+def _exit(code: int, argv: Sequence[str] | None) -> int:
+    # Called as a console script (argv None): exit with the code; called from Python: return it.
+    if argv is None:
+        sys.exit(code)
+    return code

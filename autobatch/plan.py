@@ -1,0 +1,302 @@
+"""Plan: from measurements and budgets to a batch size and a feed strategy.
+
+Pure functions over plain numbers: no TensorFlow, no reading of system state
+(the budgets are passed in), so every choice is testable with made-up numbers.
+
+The predicted peak of the training process at batch ``b`` on the host is::
+
+    step(b)          the child's measured peak RSS of a real training step
+                     (runtime + model + optimizer + one batch + activations),
+                     fitted as a + s·b and shifted above every measured point
+  + data held        the whole raw dataset (in memory) or the shards being read
+  + queue(b)         batches waiting in the feed's queue, at worst-case size
+  + preprocess(b)    the transient peak of preprocessing the next batch
+
+and on a GPU the fitted device peak of a real step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from autobatch._memory import Budget
+from autobatch._units import format_bytes
+from autobatch.errors import BudgetError, ConfigError
+from autobatch.probe import ProbeResult
+
+Strategy = Literal["in_memory", "stream"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetUse:
+    """How one budget is used at the planned batch size."""
+
+    budget: Budget
+    usable_bytes: int
+    """The budget less the safety margin."""
+    predicted_peak_bytes: int
+    """Predicted peak at the planned batch size."""
+    components: tuple[tuple[str, int], ...]
+    """The predicted peak split into its parts (name, bytes)."""
+    max_batch_size: int | None
+    """The largest batch this budget alone allows (``None``: unbounded by it)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The chosen batch size and feed strategy, with the predicted peaks and why."""
+
+    batch_size: int
+    strategy: Strategy
+    n_samples: int
+    steps_per_epoch: int
+    """``ceil(n_samples / batch_size)``: every sample once per epoch, the last batch may be smaller."""
+    budgets: tuple[BudgetUse, ...]
+    limited_by: str
+    """What stopped the batch from growing: a budget kind, a failed trial, ``max_batch_size`` or the dataset size."""
+    explanation: str
+    safety: float
+    queue_batches: int
+    confirmed: bool
+    """Whether a real training trial ran at exactly this batch size and fitted."""
+    measured_peak_bytes: int | None
+    """Host peak of the confirming trial plus data and queue, when ``confirmed``."""
+    confirmed_batch_size: int | None
+    """Batch size of the confirming trial (this size or larger: memory grows with the batch)."""
+    probe: ProbeResult
+
+    def budget(self, kind: str) -> BudgetUse | None:
+        """The :class:`BudgetUse` of ``"host"`` or ``"gpu"``, if planned against."""
+        return next((use for use in self.budgets if use.budget.kind == kind), None)
+
+    @property
+    def predicted_peak_bytes(self) -> int:
+        """Predicted peak host RAM of the training process."""
+        use = self.budget("host")
+        return use.predicted_peak_bytes if use is not None else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["probe"] = self.probe.to_dict()
+        return data
+
+    def __rich__(self) -> Any:
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(title="autobatch plan", header_style="bold")
+        table.add_column("budget")
+        table.add_column("limit", justify="right")
+        table.add_column("usable", justify="right")
+        table.add_column("predicted peak", justify="right")
+        table.add_column("of which", style="dim")
+        table.add_column("max batch", justify="right")
+        for use in self.budgets:
+            parts = ", ".join(f"{name} {format_bytes(value)}" for name, value in use.components)
+            table.add_row(
+                f"{use.budget.kind} ({use.budget.source})",
+                format_bytes(use.budget.limit_bytes),
+                format_bytes(use.usable_bytes),
+                format_bytes(use.predicted_peak_bytes),
+                parts,
+                "∞" if use.max_batch_size is None else f"{use.max_batch_size:,}",
+            )
+        confirmed = (
+            f"confirmed by a real training trial on the worst-case batch of {self.confirmed_batch_size}: "
+            f"measured step peak plus data and queue = {format_bytes(self.measured_peak_bytes)}"
+            if self.confirmed
+            else "not confirmed by a trial at this size"
+        )
+        header = Text.assemble(
+            ("batch_size ", "bold"),
+            (f"{self.batch_size:,}", "bold green"),
+            f"   strategy {self.strategy}   {self.steps_per_epoch:,} steps/epoch over {self.n_samples:,} samples",
+        )
+        return Group(header, table, Text(self.explanation), Text(confirmed, style="dim"))
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        console = Console(width=120, record=True, file=open(os.devnull, "w"))
+        console.print(self)
+        return console.export_text()
+
+
+def _max_batch(intercept: float, slope: float, usable: float) -> int | None:
+    if slope <= 0:
+        return None if intercept <= usable else 0
+    return max(int(math.floor((usable - intercept) / slope)), 0)
+
+
+def _host_terms(
+    result: ProbeResult, strategy: Strategy, queue_batches: int, read_ahead_shards: int
+) -> tuple[float, float, list[tuple[str, float, float]]]:
+    """Intercept, slope and named (intercept, slope) parts of the host peak line."""
+    parts: list[tuple[str, float, float]] = []
+    fit = result.host_fit
+    if fit is not None:
+        parts.append(("train step", fit.intercept_bytes, fit.slope_bytes))
+    else:
+        parts.append(("one batch", 0.0, result.worst_preprocessed_bytes_per_sample))
+    if strategy == "in_memory":
+        parts.append(("dataset", float(result.raw_bytes), 0.0))
+    else:
+        parts.append(("shards read", float(result.largest_shard_raw_bytes * (1 + read_ahead_shards)), 0.0))
+    parts.append(("queue", 0.0, queue_batches * result.worst_preprocessed_bytes_per_sample))
+    parts.append(("preprocess", 0.0, result.preprocess_peak_bytes_per_sample))
+    return sum(p[1] for p in parts), sum(p[2] for p in parts), parts
+
+
+def make_plan(
+    result: ProbeResult,
+    budgets: Sequence[Budget],
+    *,
+    safety: float = 0.1,
+    max_batch_size: int | None = None,
+    multiple_of: int | None = None,
+    queue_batches: int = 2,
+    read_ahead_shards: int = 1,
+) -> Plan:
+    """Choose the largest batch size whose predicted peak fits every budget.
+
+    Args:
+        result: the probe's measurements.
+        budgets: the host budget and, on a GPU, the device budget.
+        safety: fraction of each budget kept free (0.1 keeps 10%).
+        max_batch_size: never plan a larger batch.
+        multiple_of: round the batch size down to a multiple of this.
+        queue_batches: batches the feed may hold waiting (queue depth × workers).
+        read_ahead_shards: shard files read ahead of the current one when streaming.
+
+    Returns:
+        The :class:`Plan`.
+
+    Raises:
+        ConfigError: an option is out of range.
+        BudgetError: even one sample does not fit a budget.
+    """
+    if not 0 <= safety < 1:
+        raise ConfigError(f"`safety` must be in [0, 1). Received: safety={safety}")
+    if max_batch_size is not None and max_batch_size < 1:
+        raise ConfigError(f"`max_batch_size` must be >= 1. Received: max_batch_size={max_batch_size}")
+    if multiple_of is not None and multiple_of < 1:
+        raise ConfigError(f"`multiple_of` must be >= 1. Received: multiple_of={multiple_of}")
+    if queue_batches < 0:
+        raise ConfigError(f"`queue_batches` must be >= 0. Received: queue_batches={queue_batches}")
+    if not budgets:
+        raise ConfigError("make_plan needs at least one budget (the host's).")
+
+    def plan_for(strategy: Strategy) -> tuple[int, str, list[BudgetUse], list[tuple[Budget, float, float, list[Any]]]]:
+        caps: list[tuple[int, str]] = [(result.n_samples, "the dataset size")]
+        if max_batch_size is not None:
+            caps.append((max_batch_size, "max_batch_size"))
+        failed = result.failed_batch_size()
+        if failed is not None:
+            caps.append((failed - 1, f"a real trial at batch {failed} that ran out of memory"))
+        lines = []
+        for budget in budgets:
+            usable = budget.limit_bytes * (1 - safety)
+            if budget.kind == "host":
+                a, s, parts = _host_terms(result, strategy, queue_batches, read_ahead_shards)
+            else:
+                fit = result.gpu_fit
+                if fit is None:
+                    continue
+                a, s, parts = fit.intercept_bytes, fit.slope_bytes, [("train step", fit.intercept_bytes, fit.slope_bytes)]
+            lines.append((budget, usable, a, s, parts))
+            allowed = _max_batch(a, s, usable)
+            if allowed is not None:
+                caps.append((allowed, f"{budget.kind} memory"))
+        batch, limited_by = min(caps, key=lambda c: c[0])
+        if multiple_of is not None and batch >= multiple_of:
+            batch -= batch % multiple_of
+        uses = []
+        for budget, usable, a, s, parts in lines:
+            uses.append(
+                BudgetUse(
+                    budget=budget,
+                    usable_bytes=int(usable),
+                    predicted_peak_bytes=int(round(a + s * max(batch, 1))),
+                    components=tuple((name, int(round(pa + ps * max(batch, 1)))) for name, pa, ps in parts),
+                    max_batch_size=_max_batch(a, s, usable),
+                )
+            )
+        return batch, limited_by, uses, lines
+
+    strategy: Strategy = "in_memory"
+    batch, limited_by, uses, _ = plan_for("in_memory")
+    strategy_reason = "the data is already in memory"
+    if result.source == "shards":
+        stream_batch, stream_limit, stream_uses, _ = plan_for("stream")
+        if batch >= max(stream_batch, 1):
+            strategy_reason = (
+                f"the whole dataset ({format_bytes(result.raw_bytes)}) fits in memory next to the working set of batch {batch}"
+            )
+        else:
+            strategy = "stream"
+            strategy_reason = (
+                f"holding the whole dataset ({format_bytes(result.raw_bytes)}) would "
+                + (f"cut the batch to {batch}" if batch >= 1 else "not fit at all")
+                + f", so shards are streamed ({1 + read_ahead_shards} file(s) resident)"
+            )
+            batch, limited_by, uses = stream_batch, stream_limit, stream_uses
+    if batch < 1:
+        use = next(u for u in uses if u.max_batch_size == 0) if any(u.max_batch_size == 0 for u in uses) else uses[0]
+        parts = ", ".join(f"{name} {format_bytes(v)}" for name, v in use.components)
+        raise BudgetError(
+            f"the {use.budget.kind} budget cannot hold even one sample: a batch of 1 needs "
+            f"{format_bytes(use.predicted_peak_bytes)} ({parts}), but {use.budget} with a {safety:.0%} safety margin "
+            f"leaves {format_bytes(use.usable_bytes)}. Raise the limit, free memory, or stream smaller shards."
+        )
+    binding = next((u for u in uses if f"{u.budget.kind} memory" == limited_by), None)
+    if binding is not None:
+        explanation = (
+            f"batch {batch:,} is limited by {binding.budget.kind} memory: predicted "
+            f"{format_bytes(binding.predicted_peak_bytes)} of {format_bytes(binding.budget.limit_bytes)} "
+            f"({binding.budget.source}) with a {safety:.0%} margin"
+        )
+    else:
+        host = uses[0] if uses else None
+        explanation = f"batch {batch:,} is limited by {limited_by}" + (
+            f"; predicted {format_bytes(host.predicted_peak_bytes)} of {format_bytes(host.usable_bytes)} usable {host.budget.kind}"
+            if host
+            else ""
+        )
+    if not result.has_model:
+        explanation += "; no model was probed, so the training step's memory is not included (pass a model)"
+    explanation += f". Strategy {strategy}: {strategy_reason}."
+
+    # Memory grows with batch size, so a fitting trial at this size or above confirms the plan.
+    host = next((u for u in uses if u.budget.kind == "host"), None)
+    measured = confirmed_batch = None
+    confirmed = False
+    if host is not None:
+        _, _, parts = _host_terms(result, strategy, queue_batches, read_ahead_shards)
+        for trial in sorted(result.trials, key=lambda t: t.batch_size):
+            if trial.batch_size < batch or not trial.fits or trial.peak_rss_bytes is None:
+                continue
+            extras = sum(pa + ps * trial.batch_size for name, pa, ps in parts if name != "train step")
+            total = int(trial.peak_rss_bytes + extras)
+            if total <= host.usable_bytes:
+                measured, confirmed, confirmed_batch = total, True, trial.batch_size
+                break
+    return Plan(
+        batch_size=batch,
+        strategy=strategy,
+        n_samples=result.n_samples,
+        steps_per_epoch=math.ceil(result.n_samples / batch),
+        budgets=tuple(uses),
+        limited_by=limited_by,
+        explanation=explanation,
+        safety=safety,
+        queue_batches=queue_batches,
+        confirmed=confirmed,
+        measured_peak_bytes=measured,
+        confirmed_batch_size=confirmed_batch,
+        probe=result,
+    )

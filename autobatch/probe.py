@@ -1,0 +1,779 @@
+"""Probe: measure what a batch really costs, after the user's preprocessing, on the worst case.
+
+The probe measures, and never guesses from shapes:
+
+1. raw bytes per sample as held in memory;
+2. bytes per sample after ``preprocess``, on a random batch and on the worst-case
+   batch (the largest rows, e.g. the longest sequences);
+3. the transient peak of ``preprocess`` itself (``tracemalloc``);
+4. with a model: the peak memory of real ``train_on_batch`` steps at a few batch
+   sizes, in a child process (``autobatch._trial``) so an OOM cannot kill the
+   caller, fitted as intercept + per-sample slope.
+
+The ``Prober`` keeps that child alive so the planner can confirm its choice with
+one more real trial at the chosen size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from autobatch import _cache
+from autobatch._data import (
+    DataSample,
+    InMemoryData,
+    ShardSource,
+    as_in_memory,
+    sample_in_memory,
+    sample_shards,
+)
+from autobatch._loading import callable_fingerprint, is_callable_spec, resolve_callable, spec_fingerprint
+from autobatch._memory import gpu_memory_totals, rss_bytes
+from autobatch._trial import REPLY_PREFIX, pack_batch
+from autobatch._units import format_bytes
+from autobatch.errors import ConfigError, DataError, ModelError, PreprocessError, ProbeError
+
+logger = logging.getLogger(__name__)
+
+Preprocess = Callable[[Any, Any], tuple[Any, Any]]
+DEFAULT_TRIAL_BATCH_SIZES = (8, 32, 128)
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """Name, dtype and shape (``None`` where batches differ) of one preprocessed array."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTrial:
+    """One real training measurement in the child process."""
+
+    batch_size: int
+    peak_rss_bytes: int | None
+    """Child's peak RSS (``VmHWM``) over the steps, ``None`` if it never finished."""
+    gpu_peak_bytes: int | None = None
+    """Peak device memory (``tf.config.experimental.get_memory_info``), on GPU only."""
+    seconds_per_step: float | None = None
+    fits: bool = True
+    """``False`` when the trial ran out of memory or exceeded its limit."""
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearFit:
+    """``peak(batch) = intercept_bytes + slope_bytes * batch``, lying on or above every measured point."""
+
+    intercept_bytes: float
+    slope_bytes: float
+
+    def __call__(self, batch_size: int) -> float:
+        return self.intercept_bytes + self.slope_bytes * batch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeResult:
+    """What one training batch costs in memory, measured."""
+
+    n_samples: int
+    source: Literal["in_memory", "shards"]
+    raw_bytes: int
+    """In-memory size of the whole dataset before preprocessing."""
+    raw_bytes_per_sample: float
+    raw_scope: str
+    """Which rows ``raw_bytes`` was measured on."""
+    largest_shard_raw_bytes: int
+    sample_batch_size: int
+    preprocessed_bytes_per_sample: float
+    """Bytes per sample after ``preprocess``, on a random batch."""
+    worst_preprocessed_bytes_per_sample: float
+    """Bytes per sample after ``preprocess``, on the batch of the largest rows."""
+    worst_scope: str
+    preprocess_peak_bytes_per_sample: float
+    """Transient peak of ``preprocess`` on the worst batch (tracemalloc), per sample."""
+    output_signature: tuple[TensorSpec, ...]
+    device: str
+    """``"CPU"`` or the GPU the trials ran on; ``"none"`` without a model."""
+    model_name: str | None = None
+    model_params: int | None = None
+    baseline_rss_bytes: int | None = None
+    """Child RSS after loading TensorFlow and the model, before any step."""
+    trials: tuple[StepTrial, ...] = ()
+    wall_seconds: float = 0.0
+    cache_key: str = ""
+    from_cache: bool = False
+
+    @property
+    def has_model(self) -> bool:
+        return any(t.peak_rss_bytes is not None for t in self.trials)
+
+    def _fit(self, attr: str) -> LinearFit | None:
+        points = [(t.batch_size, getattr(t, attr)) for t in self.trials if getattr(t, attr) is not None]
+        if not points:
+            return None
+        b = np.array([p[0] for p in points], dtype=float)
+        peak = np.array([p[1] for p in points], dtype=float)
+        # One batch is at least resident during its step, so the slope is never below it.
+        floor = self.worst_preprocessed_bytes_per_sample
+        slope = floor
+        if len(set(b.tolist())) >= 2:
+            slope = max(float(np.polyfit(b, peak, 1)[0]), floor)
+        # Shift the line up until no measured point lies above it: conservative, never optimistic.
+        intercept = float(np.max(peak - slope * b))
+        return LinearFit(intercept, slope)
+
+    @property
+    def host_fit(self) -> LinearFit | None:
+        """Fitted process peak (bytes) of one training step vs batch size, host RAM."""
+        return self._fit("peak_rss_bytes")
+
+    @property
+    def gpu_fit(self) -> LinearFit | None:
+        """Fitted device peak vs batch size, on GPU."""
+        return self._fit("gpu_peak_bytes")
+
+    def failed_batch_size(self) -> int | None:
+        """The smallest batch size whose trial ran out of memory, if any."""
+        failed = [t.batch_size for t in self.trials if not t.fits]
+        return min(failed) if failed else None
+
+    def with_trial(self, trial: StepTrial) -> ProbeResult:
+        """A copy with one more trial (e.g. the planner's confirmation run)."""
+        return dataclasses.replace(self, trials=(*self.trials, trial))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ProbeResult:
+        fields = dict(data)
+        fields["output_signature"] = tuple(
+            TensorSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in fields["output_signature"]
+        )
+        fields["trials"] = tuple(StepTrial(**t) for t in fields["trials"])
+        return cls(**fields)
+
+    def __rich__(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title="autobatch probe", show_header=True, header_style="bold")
+        table.add_column("measurement")
+        table.add_column("value", justify="right")
+        table.add_column("how", style="dim")
+        table.add_row("samples", f"{self.n_samples:,}", self.source)
+        table.add_row("raw bytes / sample", format_bytes(self.raw_bytes_per_sample), self.raw_scope)
+        table.add_row("raw dataset", format_bytes(self.raw_bytes), "")
+        table.add_row(
+            "after preprocess / sample (random)",
+            format_bytes(self.preprocessed_bytes_per_sample),
+            f"batch of {self.sample_batch_size} random rows",
+        )
+        table.add_row(
+            "after preprocess / sample (worst)",
+            format_bytes(self.worst_preprocessed_bytes_per_sample),
+            f"largest rows of {self.worst_scope}",
+        )
+        table.add_row(
+            "preprocess transient peak / sample", format_bytes(self.preprocess_peak_bytes_per_sample), "tracemalloc"
+        )
+        if self.baseline_rss_bytes is not None:
+            table.add_row("runtime + model (child RSS)", format_bytes(self.baseline_rss_bytes), self.device)
+        for trial in self.trials:
+            value = format_bytes(trial.peak_rss_bytes) if trial.fits else "does not fit"
+            how = f"VmHWM, {trial.seconds_per_step * 1000:.0f} ms/step" if trial.seconds_per_step else trial.note
+            if trial.gpu_peak_bytes is not None:
+                value += f" / GPU {format_bytes(trial.gpu_peak_bytes)}"
+            table.add_row(f"train step, batch {trial.batch_size}", value, how)
+        fit = self.host_fit
+        if fit is not None:
+            table.add_row(
+                "fit: step peak",
+                f"{format_bytes(fit.intercept_bytes)} + {format_bytes(fit.slope_bytes)}·batch",
+                "least squares, shifted above all points",
+            )
+        cached = " (from cache)" if self.from_cache else ""
+        table.caption = f"probe took {self.wall_seconds:.1f} s{cached}"
+        return table
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        console = Console(width=110, record=True, file=open(os.devnull, "w"))
+        console.print(self)
+        return console.export_text()
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def _leaves(value: Any, prefix: str, where: str) -> dict[str, np.ndarray]:
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        out: dict[str, np.ndarray] = {}
+        for key, item in value.items():
+            out.update(_leaves(item, f"{prefix}/{key}", where))
+        return out
+    if isinstance(value, (tuple, list)):
+        out = {}
+        for i, item in enumerate(value):
+            out.update(_leaves(item, f"{prefix}/{i}", where))
+        return out
+    try:
+        array = np.asarray(value)
+    except Exception as exc:
+        raise PreprocessError(f"preprocess returned {prefix} that is not an array ({type(value)}) on {where}") from exc
+    if array.dtype == object:
+        raise PreprocessError(
+            f"preprocess returned {prefix} with dtype object on {where}: variable-length rows must be padded "
+            "to a rectangular array (e.g. with autobatch's padding helpers or keras.utils.pad_sequences)."
+        )
+    return {prefix: array}
+
+
+def default_preprocess(batch_x: Any, batch_y: Any) -> tuple[Any, Any]:
+    """Turn a DataFrame batch into a dict of column arrays; pass arrays through unchanged."""
+
+    def convert(value: Any, what: str) -> Any:
+        if isinstance(value, pd.DataFrame):
+            out = {}
+            for name in value.columns:
+                column = value[name]
+                if column.dtype == object or isinstance(column.dtype, pd.StringDtype):
+                    raise PreprocessError(
+                        f"column {name!r} of {what} holds {column.dtype} values (e.g. variable-length sequences "
+                        "or strings); pass a `preprocess` function that turns them into padded numeric arrays."
+                    )
+                out[str(name)] = column.to_numpy()
+            return out
+        if isinstance(value, pd.Series):
+            return value.to_numpy()
+        return value
+
+    return convert(batch_x, "x"), convert(batch_y, "y")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Preprocessed:
+    inputs: Any
+    targets: Any
+    leaves: dict[str, np.ndarray]
+    nbytes: int
+    peak_bytes: int
+    batch_size: int
+
+
+def run_preprocess(preprocess: Preprocess, data: InMemoryData, *, where: str) -> _Preprocessed:
+    """Call ``preprocess`` on one batch, measuring its output size and transient peak.
+
+    Raises:
+        PreprocessError: ``preprocess`` raised, returned something other than
+            ``(inputs, targets)``, or changed the number of rows.
+    """
+    batch_x, batch_y = data.take(np.arange(data.n_samples))
+    tracing = tracemalloc.is_tracing()
+    if not tracing:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    before, _ = tracemalloc.get_traced_memory()
+    try:
+        result = preprocess(batch_x, batch_y)
+    except Exception as exc:
+        raise PreprocessError(
+            f"preprocess raised {type(exc).__name__}: {exc} on {where}. Fix the function or the data it chokes on."
+        ) from exc
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        if not tracing:
+            tracemalloc.stop()
+    if not isinstance(result, tuple) or len(result) != 2:
+        raise PreprocessError(
+            f"preprocess must return a pair (inputs, targets); on {where} it returned {type(result).__name__}"
+            + (f" of length {len(result)}" if isinstance(result, tuple) else "")
+            + "."
+        )
+    inputs, targets = result
+    leaves = {**_leaves(inputs, "x", where), **_leaves(targets, "y", where)}
+    if not leaves:
+        raise PreprocessError(f"preprocess returned no arrays on {where}.")
+    for name, array in leaves.items():
+        if array.ndim == 0 or array.shape[0] != data.n_samples:
+            rows = "a scalar" if array.ndim == 0 else f"{array.shape[0]} rows"
+            raise PreprocessError(
+                f"preprocess returned {rows} for {name} on {where} of {data.n_samples} samples; "
+                "it must keep one row per sample (nothing dropped or added)."
+            )
+    nbytes = sum(int(a.nbytes) for a in leaves.values())
+    return _Preprocessed(inputs, targets, leaves, nbytes, max(int(peak - before), nbytes), data.n_samples)
+
+
+def _signature(first: _Preprocessed, second: _Preprocessed, where: tuple[str, str]) -> tuple[TensorSpec, ...]:
+    """Compare two preprocessed batches; shapes may differ along padded axes, nothing else may."""
+    if first.leaves.keys() != second.leaves.keys():
+        raise PreprocessError(
+            f"preprocess returned different arrays for different batches: {sorted(first.leaves)} on {where[0]} "
+            f"but {sorted(second.leaves)} on {where[1]}. Return the same keys for every batch."
+        )
+    specs = []
+    for name, a in first.leaves.items():
+        b = second.leaves[name]
+        if a.dtype != b.dtype or a.ndim != b.ndim:
+            raise PreprocessError(
+                f"preprocess returned {name} as {a.dtype}[{a.ndim}-D] on {where[0]} but {b.dtype}[{b.ndim}-D] "
+                f"on {where[1]}. Every batch must have the same dtype and rank."
+            )
+        shape = (None,) + tuple(x if x == y else None for x, y in zip(a.shape[1:], b.shape[1:]))
+        specs.append(TensorSpec(name, str(a.dtype), shape))
+    return tuple(specs)
+
+
+# --------------------------------------------------------------------------- the child process
+
+
+class _Child:
+    """A running ``autobatch._trial`` process and the lines it answers with."""
+
+    def __init__(self, model_ref: dict[str, Any], *, timeout_s: float, workdir: Path) -> None:
+        self._timeout_s = timeout_s
+        self._stderr_path = workdir / "child-stderr.log"
+        self._stderr = open(self._stderr_path, "w+b")
+        env = dict(os.environ)
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        env["PYTHONUNBUFFERED"] = "1"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "autobatch._trial"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            env=env,
+            cwd=os.getcwd(),
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.info = self.request({"cmd": "load", "model": model_ref}, rss_limit_bytes=None)
+        if not self.info.get("ok"):
+            self.close()
+            raise ModelError(
+                f"cannot load the model in the probe's child process: {self.info.get('error')}. "
+                "If the model uses custom layers, pass it as 'module:function' that builds and compiles it."
+            )
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(REPLY_PREFIX):
+                self._lines.put(line[len(REPLY_PREFIX) :])
+        self._lines.put(None)
+
+    def stderr_tail(self, chars: int = 1500) -> str:
+        self._stderr.flush()
+        text = self._stderr_path.read_bytes().decode(errors="replace")
+        return text[-chars:].strip()
+
+    def request(self, message: dict[str, Any], *, rss_limit_bytes: int | None) -> dict[str, Any]:
+        """Send one command and wait for its answer, killing the child past the RSS limit or timeout."""
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps(message) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return {"ok": False, "died": True, "error": "the child process is gone"}
+        deadline = time.monotonic() + self._timeout_s
+        peak_seen = 0
+        while True:
+            try:
+                line = self._lines.get(timeout=0.05)
+            except queue.Empty:
+                line = ""
+            if line is None:
+                code = self.proc.wait()
+                return {"ok": False, "died": True, "returncode": code, "peak_seen": peak_seen}
+            if line:
+                return json.loads(line)
+            if rss_limit_bytes is not None:
+                current = rss_bytes(self.proc.pid) if self.proc.poll() is None else 0
+                peak_seen = max(peak_seen, current)
+                if current > rss_limit_bytes:
+                    self.kill()
+                    return {"ok": False, "over_limit": True, "peak_seen": peak_seen}
+            if time.monotonic() > deadline:
+                self.kill()
+                return {"ok": False, "timeout": True}
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write(json.dumps({"cmd": "exit"}) + "\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.kill()
+        self._stderr.close()
+
+
+# --------------------------------------------------------------------------- the prober
+
+
+def _resolve_data(x: Any, y: Any) -> InMemoryData | ShardSource:
+    if isinstance(x, (str, os.PathLike)):
+        text = str(x)
+        if is_callable_spec(text):
+            loaded = resolve_callable(text, what="data")()
+            if not isinstance(loaded, tuple) or len(loaded) != 2:
+                raise DataError(f"data function {text!r} must return (x, y); it returned {type(loaded).__name__}.")
+            return as_in_memory(*loaded)
+        if y is not None and not isinstance(y, (str, list, tuple)):
+            raise DataError("with shard files as `x`, `y` must be the target column name(s).")
+        return ShardSource.from_spec(text, y if y is None or isinstance(y, str) else list(y))
+    return as_in_memory(x, y)
+
+
+def _resolve_preprocess(preprocess: Preprocess | str | None) -> Preprocess:
+    if preprocess is None:
+        return default_preprocess
+    if isinstance(preprocess, str):
+        return resolve_callable(preprocess, what="preprocess")
+    if not callable(preprocess):
+        raise ConfigError(f"`preprocess` must be a function (batch_x, batch_y) -> (inputs, targets). Received: {preprocess!r}")
+    return preprocess
+
+
+def _model_ref(model: Any, workdir: Path) -> tuple[dict[str, Any], str]:
+    """How the child loads the model, and a fingerprint of its architecture."""
+    if isinstance(model, (str, os.PathLike)):
+        text = str(model)
+        if is_callable_spec(text):
+            return {"kind": "callable", "spec": text}, spec_fingerprint(text)
+        path = Path(text)
+        if not path.is_file():
+            raise ModelError(f"model file {text!r} does not exist. Pass a .keras file, 'module:function' or a model.")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        return {"kind": "file", "path": str(path.resolve())}, digest
+    import keras
+
+    if not isinstance(model, keras.Model):
+        raise ModelError(f"`model` must be a keras.Model, a .keras path or 'module:function'. Received: {type(model)}")
+    if not getattr(model, "compiled", False) or model.optimizer is None:
+        raise ModelError(
+            f"model {model.name!r} is not compiled: call model.compile(optimizer=..., loss=...) before probing."
+        )
+    path = workdir / "model.keras"
+    try:
+        model.save(path)
+    except Exception as exc:
+        raise ModelError(
+            f"cannot save model {model.name!r} for the probe's child process ({type(exc).__name__}: {exc}). "
+            "Build it with an Input (so it has weights) or pass 'module:function' instead."
+        ) from exc
+    config = json.dumps([model.to_json(), model.get_compile_config()], sort_keys=True, default=str)
+    return {"kind": "file", "path": str(path)}, hashlib.sha256(config.encode()).hexdigest()[:16]
+
+
+def _device_key() -> str:
+    totals = gpu_memory_totals()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    return f"gpu{len(totals)}:{totals[0][0]}:{visible}" if totals else "cpu"
+
+
+class Prober:
+    """Measures a dataset, a preprocessing function and (optionally) a model's training step.
+
+    Use as a context manager: the model's child process stays alive between
+    :meth:`measure` and any :meth:`confirm` trials, so TensorFlow loads once.
+
+    Example:
+        >>> with Prober(df, "label", preprocess=pad, model=model) as prober:
+        ...     result = prober.measure()
+        ...     result = prober.confirm(result, batch_size=512, rss_limit_bytes=6 * 2**30)
+    """
+
+    def __init__(
+        self,
+        x: Any,
+        y: Any = None,
+        *,
+        preprocess: Preprocess | str | None = None,
+        model: Any = None,
+        sample_batch_size: int = 32,
+        trial_batch_sizes: Sequence[int] | None = None,
+        steps: int = 3,
+        seed: int = 0,
+        timeout_s: float = 600.0,
+        scan_bytes: int = 512 * 1024**2,
+    ) -> None:
+        if sample_batch_size < 1:
+            raise ConfigError(f"`sample_batch_size` must be >= 1. Received: {sample_batch_size}")
+        if steps < 1:
+            raise ConfigError(f"`steps` must be >= 1. Received: {steps}")
+        if trial_batch_sizes is not None and (not trial_batch_sizes or min(trial_batch_sizes) < 1):
+            raise ConfigError(f"`trial_batch_sizes` must be positive integers. Received: {trial_batch_sizes}")
+        self._data = _resolve_data(x, y)
+        self._preprocess = _resolve_preprocess(preprocess)
+        self._model = model
+        self._sample_batch_size = sample_batch_size
+        self._trial_batch_sizes = tuple(trial_batch_sizes or DEFAULT_TRIAL_BATCH_SIZES)
+        self._steps = steps
+        self._seed = seed
+        self._timeout_s = timeout_s
+        self._scan_bytes = scan_bytes
+        self._tmp = tempfile.TemporaryDirectory(prefix="autobatch-probe-")
+        self._workdir = Path(self._tmp.name)
+        self._child: _Child | None = None
+        self._sample: DataSample | None = None
+        self._model_ref: dict[str, Any] | None = None
+        self._key: str | None = None
+
+    def __enter__(self) -> Prober:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the child process and remove temporary files."""
+        if self._child is not None:
+            self._child.close()
+            self._child = None
+        self._tmp.cleanup()
+
+    def sample(self) -> DataSample:
+        """The random and worst-case rows (read once, then kept)."""
+        if self._sample is None:
+            k = self._sample_batch_size
+            if isinstance(self._data, ShardSource):
+                self._sample = sample_shards(self._data, k=k, seed=self._seed, scan_bytes=self._scan_bytes)
+            else:
+                self._sample = sample_in_memory(self._data, k=k, seed=self._seed)
+        return self._sample
+
+    def cache_key(self) -> str:
+        """Fingerprint of data, preprocess, model architecture, device and probe settings."""
+        if self._key is None:
+            model_fp = "none"
+            if self._model is not None:
+                self._model_ref, model_fp = _model_ref(self._model, self._workdir)
+            parts = [
+                self.sample().signature,
+                callable_fingerprint(self._preprocess),
+                model_fp,
+                _device_key(),
+                self._sample_batch_size,
+                self._trial_batch_sizes,
+                self._steps,
+                self._seed,
+            ]
+            self._key = hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
+        return self._key
+
+    def _child_process(self) -> _Child:
+        if self._child is None or self._child.proc.poll() is not None:
+            self.cache_key()
+            assert self._model_ref is not None
+            self._child = _Child(self._model_ref, timeout_s=self._timeout_s, workdir=self._workdir)
+        return self._child
+
+    def worst_batch(self, batch_size: int) -> _Preprocessed:
+        """The worst-case batch of ``batch_size``: the largest rows, cycled, after ``preprocess``.
+
+        With per-batch padding every row of a batch holding the longest sequence is
+        padded to it, so cycling the largest rows bounds any real batch of that size.
+        """
+        worst = self.sample().worst
+        rows = np.arange(batch_size) % worst.n_samples
+        return run_preprocess(
+            self._preprocess, InMemoryData(*worst.take(rows)), where=f"the worst-case batch of {batch_size}"
+        )
+
+    def run_trial(self, batch_size: int, *, rss_limit_bytes: int | None = None) -> StepTrial:
+        """One real training trial at ``batch_size`` on the worst-case batch, in the child process."""
+        batch = self.worst_batch(batch_size)
+        arrays, structure = pack_batch(batch.inputs, batch.targets)
+        path = self._workdir / f"batch-{batch_size}.npz"
+        np.savez(path, **arrays)
+        del arrays, batch
+        child = self._child_process()
+        reply = child.request(
+            {"cmd": "trial", "arrays": str(path), "structure": structure, "steps": self._steps},
+            rss_limit_bytes=rss_limit_bytes,
+        )
+        path.unlink(missing_ok=True)
+        if reply.get("ok"):
+            return StepTrial(
+                batch_size,
+                reply["peak_rss_bytes"],
+                reply.get("gpu_peak_bytes"),
+                reply.get("seconds_per_step"),
+            )
+        if reply.get("over_limit"):
+            return StepTrial(
+                batch_size,
+                None,
+                fits=False,
+                note=f"stopped: child RSS passed the limit of {format_bytes(rss_limit_bytes)}",
+            )
+        if reply.get("oom"):
+            return StepTrial(batch_size, None, fits=False, note=f"out of memory: {reply.get('error')}")
+        if reply.get("died"):
+            code = reply.get("returncode")
+            if code is not None and code < 0:
+                return StepTrial(
+                    batch_size, None, fits=False, note=f"child killed by signal {-code} (likely out of memory)"
+                )
+            raise ProbeError(
+                f"the probe's child process exited (code {code}) during a trial at batch {batch_size}.\n"
+                f"Its last output:\n{child.stderr_tail()}"
+            )
+        if reply.get("timeout"):
+            raise ProbeError(
+                f"a training trial at batch {batch_size} took longer than {self._timeout_s:.0f} s and was killed. "
+                "Raise `timeout_s` or probe with smaller `trial_batch_sizes`."
+            )
+        raise ModelError(
+            f"training step failed at batch {batch_size}: {reply.get('error')}\n{reply.get('traceback', '')}".rstrip()
+        )
+
+    def measure(self) -> ProbeResult:
+        """Measure data, preprocessing and (with a model) training-step memory."""
+        start = time.perf_counter()
+        sample = self.sample()
+        random = run_preprocess(self._preprocess, sample.random, where=f"a random batch of {sample.random.n_samples}")
+        worst = run_preprocess(
+            self._preprocess, sample.worst, where=f"the worst-case batch of {sample.worst.n_samples} largest rows"
+        )
+        signature = _signature(random, worst, ("a random batch", "the worst-case batch"))
+        trials: list[StepTrial] = []
+        info: dict[str, Any] = {}
+        if self._model is not None:
+            child = self._child_process()
+            info = child.info
+            cap = max(sample.n_samples, 1)
+            for batch_size in sorted({min(b, cap) for b in self._trial_batch_sizes}):
+                trial = self.run_trial(batch_size)
+                trials.append(trial)
+                if not trial.fits:
+                    break
+        return ProbeResult(
+            n_samples=sample.n_samples,
+            source=sample.kind,
+            raw_bytes=sample.raw_bytes,
+            raw_bytes_per_sample=sample.raw_bytes / sample.n_samples,
+            raw_scope=sample.raw_bytes_scope,
+            largest_shard_raw_bytes=sample.largest_shard_raw_bytes,
+            sample_batch_size=sample.random.n_samples,
+            preprocessed_bytes_per_sample=random.nbytes / random.batch_size,
+            worst_preprocessed_bytes_per_sample=worst.nbytes / worst.batch_size,
+            worst_scope=sample.worst_scope,
+            preprocess_peak_bytes_per_sample=worst.peak_bytes / worst.batch_size,
+            output_signature=signature,
+            device=info.get("device", "none"),
+            model_name=info.get("model_name"),
+            model_params=info.get("param_count"),
+            baseline_rss_bytes=info.get("baseline_rss_bytes"),
+            trials=tuple(trials),
+            wall_seconds=time.perf_counter() - start,
+            cache_key=self.cache_key(),
+        )
+
+    def confirm(self, result: ProbeResult, batch_size: int, *, rss_limit_bytes: int | None) -> ProbeResult:
+        """Run one more real trial at ``batch_size`` and return the result including it."""
+        start = time.perf_counter()
+        trial = self.run_trial(batch_size, rss_limit_bytes=rss_limit_bytes)
+        updated = result.with_trial(trial)
+        return dataclasses.replace(updated, wall_seconds=result.wall_seconds + time.perf_counter() - start)
+
+
+def probe(
+    x: Any,
+    y: Any = None,
+    *,
+    preprocess: Preprocess | str | None = None,
+    model: Any = None,
+    sample_batch_size: int = 32,
+    trial_batch_sizes: Sequence[int] | None = None,
+    steps: int = 3,
+    seed: int = 0,
+    timeout_s: float = 600.0,
+    cache: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> ProbeResult:
+    """Measure the memory a training batch needs, after preprocessing, on the worst case.
+
+    Args:
+        x: a DataFrame, numpy array(s) or dict of arrays; a CSV/Parquet file, a
+            directory or glob of shard files; or ``"module:function"`` returning ``(x, y)``.
+        y: targets, or the target column name(s) of a DataFrame or of the shards.
+        preprocess: ``preprocess(batch_x, batch_y) -> (inputs, targets)``, or its
+            ``"module:function"``; ``None`` turns DataFrame columns into arrays.
+        model: a compiled ``keras.Model``, a ``.keras`` file or ``"module:function"``
+            building a compiled model. Without one, only data memory is measured.
+        sample_batch_size: rows in the random and the worst-case sample batches.
+        trial_batch_sizes: batch sizes of the real training trials (default 8, 32, 128).
+        steps: training steps per trial.
+        seed: for the random sample.
+        timeout_s: a trial that takes longer is killed and reported.
+        cache: reuse an earlier identical probe from the on-disk cache.
+        cache_dir: where the cache lives (default: the user cache directory).
+
+    Returns:
+        The measurements as a frozen :class:`ProbeResult`.
+
+    Raises:
+        DataError: the data is empty, missing or unreadable.
+        PreprocessError: ``preprocess`` failed or is inconsistent between batches.
+        ModelError: the model cannot be loaded or is not compiled.
+        ProbeError: the child process failed or hung.
+
+    Example:
+        >>> result = autobatch.probe(df, "label", preprocess=pad, model=model)
+        >>> result.worst_preprocessed_bytes_per_sample
+    """
+    with Prober(
+        x,
+        y,
+        preprocess=preprocess,
+        model=model,
+        sample_batch_size=sample_batch_size,
+        trial_batch_sizes=trial_batch_sizes,
+        steps=steps,
+        seed=seed,
+        timeout_s=timeout_s,
+    ) as prober:
+        key = prober.cache_key()
+        if cache:
+            cached = _cache.load(key, cache_dir)
+            if cached is not None:
+                return dataclasses.replace(ProbeResult.from_dict(cached), from_cache=True)
+        result = prober.measure()
+        if cache:
+            _cache.store(key, result.to_dict(), cache_dir)
+        return result
