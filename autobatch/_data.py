@@ -48,9 +48,21 @@ def _take(value: Any, indices: np.ndarray) -> Any:
     return np.asarray(value)[indices] if not isinstance(value, np.ndarray) else value[indices]
 
 
+_ARRAY_HEADER = sys.getsizeof(np.empty(0))
+
+
+def _cell_nbytes(value: Any) -> int:
+    # An ndarray cell may be a view into an Arrow buffer (read_parquet): getsizeof would miss its data.
+    if isinstance(value, np.ndarray):
+        return _ARRAY_HEADER + value.nbytes
+    if isinstance(value, (list, tuple)):
+        return sys.getsizeof(value) + sum(sys.getsizeof(v) for v in value)
+    return sys.getsizeof(value)
+
+
 def _object_nbytes(values: np.ndarray) -> np.ndarray:
-    # getsizeof of an ndarray that owns its data includes the data; of a str, its characters.
-    return np.fromiter((sys.getsizeof(v) for v in values), dtype=np.int64, count=len(values)) + 8
+    """Bytes of each object cell plus its 8-byte pointer."""
+    return np.fromiter((_cell_nbytes(v) for v in values), dtype=np.int64, count=len(values)) + 8
 
 
 def _row_nbytes(value: Any, n: int) -> np.ndarray:
@@ -67,7 +79,10 @@ def _row_nbytes(value: Any, n: int) -> np.ndarray:
             if isinstance(value.dtype, pd.StringDtype):
                 return value.str.len().fillna(0).to_numpy(dtype=np.int64) + 16
             return _object_nbytes(value.to_numpy())
-        return np.full(n, value.dtype.itemsize, dtype=np.int64)
+        itemsize = getattr(value.dtype, "itemsize", None)
+        if itemsize is None:  # extension dtypes (categorical, ...): spread the measured total evenly
+            return np.full(n, int(value.memory_usage(deep=True, index=False)) // max(n, 1), dtype=np.int64)
+        return np.full(n, itemsize, dtype=np.int64)
     if isinstance(value, Mapping):
         total = np.zeros(n, dtype=np.int64)
         for item in value.values():
@@ -88,15 +103,14 @@ def _total_nbytes(value: Any) -> int:
     if value is None:
         return 0
     if isinstance(value, (pd.DataFrame, pd.Series)):
-        usage = value.memory_usage(deep=True, index=True)
-        return int(usage.sum() if isinstance(usage, pd.Series) else usage)
+        return int(value.index.memory_usage(deep=True)) + int(_row_nbytes(value, len(value)).sum())
     if isinstance(value, Mapping):
         return sum(_total_nbytes(item) for item in value.values())
     if isinstance(value, tuple):
         return sum(_total_nbytes(item) for item in value)
     array = np.asarray(value)
     if array.dtype == object:
-        return int(array.nbytes + _object_nbytes(array.ravel()).sum() - 8 * array.size)
+        return int(_object_nbytes(array.ravel()).sum())
     return int(array.nbytes)
 
 
@@ -335,6 +349,8 @@ class DataSample:
     """Rows drawn uniformly at random."""
     worst: InMemoryData
     """The rows with the largest in-memory size, largest first."""
+    smallest: InMemoryData
+    """The rows with the smallest in-memory size: with ``worst``, they expose which axes vary."""
     worst_scope: str
     """Which rows the worst-case search covered."""
     row_bytes_max: int
@@ -374,7 +390,8 @@ def sample_in_memory(data: InMemoryData, *, k: int, seed: int = 0) -> DataSample
     rng = np.random.default_rng(seed)
     k = min(k, n)
     random_idx = np.sort(rng.choice(n, size=k, replace=False))
-    worst_idx = np.argsort(-sizes, kind="stable")[:k]
+    order = np.argsort(-sizes, kind="stable")
+    worst_idx, smallest_idx = order[:k], order[::-1][:k]
     return DataSample(
         kind="in_memory",
         n_samples=n,
@@ -383,6 +400,7 @@ def sample_in_memory(data: InMemoryData, *, k: int, seed: int = 0) -> DataSample
         largest_shard_raw_bytes=0,
         random=InMemoryData(*data.take(random_idx)),
         worst=InMemoryData(*data.take(worst_idx)),
+        smallest=InMemoryData(*data.take(smallest_idx)),
         worst_scope=f"all {n:,} rows",
         row_bytes_max=int(sizes.max()),
         signature=_fingerprint(_schema(data), n, int(sizes.sum()), sizes[:: max(1, n // 64)].tolist()),
@@ -420,18 +438,16 @@ def sample_shards(source: ShardSource, *, k: int, seed: int = 0, scan_bytes: int
     if sum(file_bytes) <= scan_bytes:
         scanned = files
     else:
-        budget, order = 0, np.linspace(0, len(files) - 1, num=len(files)).astype(int)
-        scanned = []
-        for i in order[:: max(1, len(files) // 64)]:
+        budget, scanned = 0, []
+        for i in range(0, len(files), max(1, len(files) // 64)):
             if budget and budget + file_bytes[i] > scan_bytes:
                 break
             scanned.append(files[i])
             budget += file_bytes[i]
     rng = np.random.default_rng(seed)
-    worst: InMemoryData | None = None
-    worst_sizes = np.zeros(0, dtype=np.int64)
-    pool: InMemoryData | None = None
-    pool_keys = np.zeros(0)
+    # Three running selections of k rows each, ranked by a key (smallest key kept):
+    # largest rows (key -size), smallest rows (key size), a uniform reservoir (random key).
+    kept: dict[str, tuple[InMemoryData, np.ndarray]] = {}
     raw_total = rows_read = largest = 0
     for path, frame in source.iter_frames(scanned):
         data = source.split(frame, path)
@@ -440,19 +456,16 @@ def sample_shards(source: ShardSource, *, k: int, seed: int = 0, scan_bytes: int
         raw_total += raw
         rows_read += data.n_samples
         largest = max(largest, raw)
-        # Running top-k by size and a reservoir of k uniform rows (smallest random keys).
-        top = np.argsort(-sizes, kind="stable")[:k]
-        worst = InMemoryData(*data.take(top)) if worst is None else _concat([worst, InMemoryData(*data.take(top))])
-        worst_sizes = np.concatenate([worst_sizes, sizes[top]])
-        keep = np.argsort(-worst_sizes, kind="stable")[:k]
-        worst, worst_sizes = InMemoryData(*worst.take(keep)), worst_sizes[keep]
-        keys = rng.random(data.n_samples)
-        low = np.argsort(keys)[:k]
-        pool = InMemoryData(*data.take(low)) if pool is None else _concat([pool, InMemoryData(*data.take(low))])
-        pool_keys = np.concatenate([pool_keys, keys[low]])
-        keep = np.argsort(pool_keys)[:k]
-        pool, pool_keys = InMemoryData(*pool.take(keep)), pool_keys[keep]
-    assert worst is not None and pool is not None  # iter_frames yields at least one shard
+        keys = {"worst": -sizes.astype(float), "smallest": sizes.astype(float), "random": rng.random(data.n_samples)}
+        for name, key in keys.items():
+            low = np.argsort(key, kind="stable")[:k]
+            rows, row_keys = InMemoryData(*data.take(low)), key[low]
+            if name in kept:
+                rows = _concat([kept[name][0], rows])
+                row_keys = np.concatenate([kept[name][1], row_keys])
+                keep = np.argsort(row_keys, kind="stable")[:k]
+                rows, row_keys = InMemoryData(*rows.take(keep)), row_keys[keep]
+            kept[name] = (rows, row_keys)
     per_row = raw_total / max(rows_read, 1)
     scope = (
         f"all {len(files)} shards ({n:,} rows)"
@@ -467,13 +480,14 @@ def sample_shards(source: ShardSource, *, k: int, seed: int = 0, scan_bytes: int
         raw_bytes=int(round(per_row * n)),
         raw_bytes_scope=f"{scope}: {per_row:,.0f} B/row in memory after reading",
         largest_shard_raw_bytes=int(largest),
-        random=pool,
-        worst=worst,
+        random=kept["random"][0],
+        worst=kept["worst"][0],
+        smallest=kept["smallest"][0],
         worst_scope=scope,
-        row_bytes_max=int(worst_sizes.max()),
+        row_bytes_max=int(-kept["worst"][1].min()),
         signature=_fingerprint(
             [(p.name, s, c, p.stat().st_mtime_ns) for p, s, c in zip(files, file_bytes, counts)],
-            _schema(pool),
+            _schema(kept["random"][0]),
             source.target,
         ),
     )

@@ -17,7 +17,7 @@ from autobatch.probe import Preprocess, Prober, ProbeResult
 
 logger = logging.getLogger(__name__)
 
-MAX_CONFIRMATIONS = 4
+MAX_CONFIRMATIONS = 6
 
 
 def _budget_bucket(budgets: Sequence[Budget]) -> str:
@@ -42,7 +42,18 @@ def confirm_plan(
     Returns:
         The confirmed plan and the probe result including the new trials.
     """
-    chosen = make_plan(result, budgets, **options)
+    user_cap = options.pop("max_batch_size", None)
+
+    def cap_for(result: ProbeResult) -> int | None:
+        # Bisect between the largest fitting trial and the smallest failed one.
+        failed = result.failed_batch_size()
+        if failed is None:
+            return user_cap
+        fitting = [t.batch_size for t in result.trials if t.fits and t.batch_size < failed]
+        bisect = max((max(fitting, default=0) + failed) // 2, 1)
+        return bisect if user_cap is None else min(bisect, user_cap)
+
+    chosen = make_plan(result, budgets, max_batch_size=cap_for(result), **options)
     for _ in range(MAX_CONFIRMATIONS):
         if chosen.confirmed:
             return chosen, result
@@ -52,14 +63,12 @@ def confirm_plan(
         extras = sum(v for name, v in host.components if name != "train step")
         logger.info("confirming batch %d with a real trial", chosen.batch_size)
         result = prober.confirm(result, chosen.batch_size, rss_limit_bytes=max(host.usable_bytes - extras, 1))
-        chosen = make_plan(result, budgets, **options)
+        chosen = make_plan(result, budgets, max_batch_size=cap_for(result), **options)
     if not chosen.confirmed:
         fitting = [t.batch_size for t in result.trials if t.fits and t.batch_size <= chosen.batch_size]
         if fitting:
-            cap = max(fitting)
-            if options.get("max_batch_size") is not None:
-                cap = min(cap, options["max_batch_size"])
-            chosen = make_plan(result, budgets, **{**options, "max_batch_size": cap})
+            cap = max(fitting) if user_cap is None else min(max(fitting), user_cap)
+            chosen = make_plan(result, budgets, max_batch_size=cap, **options)
     return chosen, result
 
 

@@ -99,7 +99,8 @@ def main(argv: Sequence[str] | None = None, *, console: Console | None = None) -
     except AutobatchError as exc:
         if args.debug:
             raise
-        Console(stderr=True).print(Text.assemble((type(exc).__name__, "bold red"), ": ", str(exc)), highlight=False)
+        error = Text.assemble((type(exc).__name__, "bold red"), ": ", str(exc))
+        Console(stderr=True, soft_wrap=True).print(error, highlight=False)
         return _exit(1, argv)
     if args.json:
         print(json.dumps(result.to_dict()), file=console.file)

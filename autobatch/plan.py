@@ -233,7 +233,8 @@ def make_plan(
     strategy_reason = "the data is already in memory"
     if result.source == "shards":
         stream_batch, stream_limit, stream_uses, _ = plan_for("stream")
-        if batch >= max(stream_batch, 1):
+        # Holding everything avoids re-reading files each epoch; worth it unless it costs >10% of the batch.
+        if batch >= 1 and batch >= 0.9 * stream_batch:
             strategy_reason = (
                 f"the whole dataset ({format_bytes(result.raw_bytes)}) fits in memory next to the working set of batch {batch}"
             )

@@ -128,7 +128,7 @@ class ProbeResult:
 
     @property
     def has_model(self) -> bool:
-        return any(t.peak_rss_bytes is not None for t in self.trials)
+        return bool(self.trials)
 
     def _fit(self, attr: str) -> LinearFit | None:
         points = [(t.batch_size, getattr(t, attr)) for t in self.trials if getattr(t, attr) is not None]
@@ -350,6 +350,12 @@ def _signature(first: _Preprocessed, second: _Preprocessed, where: tuple[str, st
     return tuple(specs)
 
 
+def _merge_signatures(a: tuple[TensorSpec, ...], b: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
+    return tuple(
+        TensorSpec(x.name, x.dtype, tuple(p if p == q else None for p, q in zip(x.shape, y.shape))) for x, y in zip(a, b)
+    )
+
+
 # --------------------------------------------------------------------------- the child process
 
 
@@ -375,12 +381,24 @@ class _Child:
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self.info = self.request({"cmd": "load", "model": model_ref}, rss_limit_bytes=None)
+        if self.info.get("timeout"):
+            self.close()
+            raise ProbeError(
+                f"loading the model in the probe's child process took longer than {timeout_s:.0f} s and was killed. "
+                "Check that the model function returns promptly, or raise `timeout_s`."
+            )
+        if self.info.get("died"):
+            tail = self.stderr_tail()
+            self.close()
+            raise ProbeError(f"the probe's child process exited while loading the model. Its last output:\n{tail}")
         if not self.info.get("ok"):
             self.close()
-            raise ModelError(
-                f"cannot load the model in the probe's child process: {self.info.get('error')}. "
-                "If the model uses custom layers, pass it as 'module:function' that builds and compiles it."
+            hint = (
+                " If the model uses custom layers, pass it as 'module:function' that builds and compiles it."
+                if model_ref["kind"] == "file"
+                else ""
             )
+            raise ModelError(f"cannot load the model in the probe's child process: {self.info.get('error')}.{hint}")
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -635,9 +653,10 @@ class Prober:
                 reply.get("seconds_per_step"),
             )
         if reply.get("over_limit"):
+            # What it reached before being stopped is a lower bound on its peak: keep it for the fit.
             return StepTrial(
                 batch_size,
-                None,
+                reply.get("peak_seen") or None,
                 fits=False,
                 note=f"stopped: child RSS passed the limit of {format_bytes(rss_limit_bytes)}",
             )
@@ -670,7 +689,13 @@ class Prober:
         worst = run_preprocess(
             self._preprocess, sample.worst, where=f"the worst-case batch of {sample.worst.n_samples} largest rows"
         )
+        smallest = run_preprocess(
+            self._preprocess, sample.smallest, where=f"the batch of {sample.smallest.n_samples} smallest rows"
+        )
         signature = _signature(random, worst, ("a random batch", "the worst-case batch"))
+        signature = _merge_signatures(
+            signature, _signature(random, smallest, ("a random batch", "the batch of smallest rows"))
+        )
         trials: list[StepTrial] = []
         info: dict[str, Any] = {}
         if self._model is not None:

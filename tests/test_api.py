@@ -1,0 +1,149 @@
+import dataclasses
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import autobatch
+from autobatch import Budget, ProbeResult, StepTrial
+from autobatch.api import confirm_plan
+
+import canonical
+
+MiB = 1024**2
+
+
+def _base(trials) -> ProbeResult:
+    return ProbeResult(
+        n_samples=100_000, source="in_memory", raw_bytes=0, raw_bytes_per_sample=0.0, raw_scope="test",
+        largest_shard_raw_bytes=0, sample_batch_size=32, preprocessed_bytes_per_sample=1024.0,
+        worst_preprocessed_bytes_per_sample=1024.0, worst_scope="test", preprocess_peak_bytes_per_sample=0.0,
+        output_signature=(), device="CPU", trials=tuple(trials),
+    )
+
+
+class FakeProber:
+    """Measures a 'true' step peak that grows faster than linearly, or runs out of memory past a size."""
+
+    def __init__(self, true_peak, oom_above=None):
+        self.true_peak = true_peak
+        self.oom_above = oom_above
+        self.tried: list[int] = []
+
+    def confirm(self, result, batch_size, *, rss_limit_bytes):
+        self.tried.append(batch_size)
+        if self.oom_above is not None and batch_size > self.oom_above:
+            return result.with_trial(StepTrial(batch_size, None, fits=False, note="out of memory"))
+        peak = self.true_peak(batch_size)
+        if rss_limit_bytes is not None and peak > rss_limit_bytes:
+            # As the real watchdog does: stopped just past the limit, which is a lower bound on the peak.
+            return result.with_trial(StepTrial(batch_size, rss_limit_bytes + 1, fits=False, note="stopped"))
+        return result.with_trial(StepTrial(batch_size, int(peak)))
+
+
+def quadratic(b):
+    return 600 * MiB + 0.5 * MiB * b + 0.002 * MiB * b * b
+
+
+def test_far_extrapolation_is_confirmed_and_stepped_down():
+    prober = FakeProber(quadratic)
+    probed = _base(StepTrial(b, int(quadratic(b))) for b in (8, 32, 128))
+    budget = Budget("host", 3000 * MiB, "test")
+    plan, final = confirm_plan(prober, probed, [budget], safety=0.1, queue_batches=0)
+    usable = 3000 * MiB * 0.9
+    true_max = max(b for b in range(1, 5000) if quadratic(b) + b * 1024 <= usable)
+    # The linear fit from small batches overshoots; each trial pulls the plan down until one fits.
+    assert prober.tried[0] > true_max
+    # Trials bisect between what fitted and what did not: failures above the true maximum, fits below it.
+    outcomes = {t.batch_size: t.fits for t in final.trials[3:]}
+    assert all(fits == (b <= true_max) for b, fits in outcomes.items()), outcomes
+    assert plan.batch_size == max(b for b, fits in outcomes.items() if fits)
+    assert plan.confirmed and plan.batch_size <= true_max
+    assert plan.batch_size >= 0.8 * true_max
+    assert quadratic(plan.batch_size) <= usable
+    assert len(final.trials) == 3 + len(prober.tried)
+
+
+def test_out_of_memory_trial_steps_below_it():
+    prober = FakeProber(lambda b: 600 * MiB + 0.25 * MiB * b, oom_above=1000)
+    probed = _base(StepTrial(b, int(600 * MiB + 0.25 * MiB * b)) for b in (8, 32, 128))
+    plan, _ = confirm_plan(prober, probed, [Budget("host", 4000 * MiB, "test")], queue_batches=0)
+    assert prober.tried[0] > 1000
+    # Each OOM halves the interval between the largest fitting and the smallest failed trial.
+    failed = [b for b in prober.tried if b > 1000]
+    assert all(later < earlier for earlier, later in zip(failed, failed[1:]))
+    assert plan.confirmed and 600 <= plan.batch_size <= 1000
+
+
+def test_no_trial_needed_when_one_already_covers_the_plan():
+    prober = FakeProber(quadratic)
+    probed = _base(StepTrial(b, int(quadratic(b))) for b in (8, 32, 128))
+    plan, _ = confirm_plan(prober, probed, [Budget("host", 64 * 1024 * MiB, "test")], max_batch_size=100, queue_batches=0)
+    assert prober.tried == [] and plan.confirmed and plan.batch_size == 100
+
+
+# ---------------------------------------------------------------- real: plan, then train at the plan, check VmHWM
+
+TRAIN_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, {examples!r})
+    import numpy as np, pandas as pd
+    import canonical
+    from autobatch._memory import peak_rss_bytes
+    frame = pd.read_parquet({data!r})
+    x, y = frame.drop(columns=["label"]), frame["label"]
+    model = canonical.build_model()
+    batch = {batch}
+    # The tutorial's loop: slice the frame per batch, pad per batch, train. Longest rows first,
+    # so the worst-case batch certainly runs, then the rest of the epoch in order.
+    order = np.argsort(-(x["in1"].map(len) + x["in2"].map(len)).to_numpy(), kind="stable")
+    for start in range(0, len(x), batch):
+        rows = order[start:start + batch]
+        inputs, targets = canonical.preprocess(x.iloc[rows], y.iloc[rows])
+        model.train_on_batch(inputs, targets)
+    print(json.dumps({{"vmhwm": peak_rss_bytes()}}))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def long_frame_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("long") / "frame.parquet"
+    canonical.make_frame(1200, seed=5, max_len=2048).to_parquet(path, index=False)
+    return path
+
+
+def test_planned_batch_keeps_a_real_training_run_under_the_limit(long_frame_path, tmp_path):
+    import pandas as pd
+
+    frame = pd.read_parquet(long_frame_path)
+    ram_limit = 900 * MiB
+    plan = autobatch.plan(
+        frame, "label", preprocess=canonical.preprocess, model=f"{canonical.__file__}:build_model",
+        ram_limit=ram_limit, cache=False, trial_batch_sizes=(4, 16, 64),
+    )
+    assert plan.confirmed and plan.limited_by == "host memory", plan.explanation
+    assert 1 < plan.batch_size < len(frame)
+    script = tmp_path / "train.py"
+    examples = str(canonical.__file__).rsplit("/", 1)[0]
+    script.write_text(TRAIN_SCRIPT.format(examples=examples, data=str(long_frame_path), batch=plan.batch_size))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    vmhwm = json.loads(out.stdout.strip().splitlines()[-1])["vmhwm"]
+    assert vmhwm < ram_limit, f"peak {vmhwm / MiB:.0f} MiB over the {ram_limit / MiB:.0f} MiB limit at batch {plan.batch_size}"
+    # The prediction is honest, not wildly conservative either.
+    assert vmhwm > 0.6 * plan.predicted_peak_bytes
+    print(f"batch {plan.batch_size}: predicted {plan.predicted_peak_bytes / MiB:.0f} MiB, measured {vmhwm / MiB:.0f} MiB")
+
+
+def test_second_plan_on_the_same_setup_comes_from_the_cache(frame, small_model_path):
+    kwargs = dict(preprocess=canonical.preprocess, model=small_model_path, ram_limit="2GiB", trial_batch_sizes=(4, 16))
+    first = autobatch.plan(frame, "label", **kwargs)
+    second = autobatch.plan(frame, "label", **kwargs)
+    assert not first.probe.from_cache and second.probe.from_cache
+    assert second.batch_size == first.batch_size and second.confirmed
+    # The confirming trial is part of what was cached: nothing was re-run.
+    assert second.probe.trials == first.probe.trials

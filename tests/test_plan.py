@@ -1,0 +1,134 @@
+import math
+
+import pytest
+
+from autobatch import Budget, BudgetError, ConfigError, ProbeResult, StepTrial, make_plan
+
+MiB = 1024**2
+
+
+def result(*, n=10_000, raw=100 * MiB, trials=((8, 600 * MiB), (64, 656 * MiB)), worst=4096.0, source="in_memory",
+           shard=10 * MiB, gpu=None):
+    """A probe result with made-up but self-consistent numbers: step peak = 592 MiB + 1 MiB/sample."""
+    steps = tuple(
+        StepTrial(b, peak, None if gpu is None else gpu[i]) if peak is not None else StepTrial(b, None, fits=False)
+        for i, (b, peak) in enumerate(trials)
+    )
+    return ProbeResult(
+        n_samples=n, source=source, raw_bytes=raw, raw_bytes_per_sample=raw / n, raw_scope="test",
+        largest_shard_raw_bytes=shard, sample_batch_size=32, preprocessed_bytes_per_sample=1024.0,
+        worst_preprocessed_bytes_per_sample=worst, worst_scope="test", preprocess_peak_bytes_per_sample=worst,
+        output_signature=(), device="CPU", trials=steps,
+    )
+
+
+def host(limit):
+    return Budget("host", limit, "test")
+
+
+def predicted_host(r, batch, *, queue=2, strategy="in_memory"):
+    data = r.raw_bytes if strategy == "in_memory" else 2 * r.largest_shard_raw_bytes
+    return 592 * MiB + 1 * MiB * batch + data + queue * batch * r.worst_preprocessed_bytes_per_sample + batch * r.worst_preprocessed_bytes_per_sample
+
+
+def test_largest_batch_whose_predicted_peak_fits():
+    r = result()
+    plan = make_plan(r, [host(2048 * MiB)], safety=0.1)
+    usable = 2048 * MiB * 0.9
+    assert predicted_host(r, plan.batch_size) <= usable < predicted_host(r, plan.batch_size + 1)
+    assert plan.limited_by == "host memory"
+    assert plan.predicted_peak_bytes == pytest.approx(predicted_host(r, plan.batch_size), abs=1)
+    assert plan.steps_per_epoch == math.ceil(r.n_samples / plan.batch_size)
+    assert "limited by host memory" in plan.explanation and "10% margin" in plan.explanation
+    assert not plan.confirmed  # no trial at or above that size yet
+
+
+def test_safety_margin_shrinks_the_batch():
+    r = result()
+    assert make_plan(r, [host(2 * 1024 * MiB)], safety=0.3).batch_size < make_plan(r, [host(2 * 1024 * MiB)], safety=0.0).batch_size
+
+
+@pytest.mark.parametrize(("cap", "multiple", "expected"), [(100, None, 100), (None, 64, None), (100, 32, 96)])
+def test_max_batch_size_and_multiple_of(cap, multiple, expected):
+    r = result()
+    free = make_plan(r, [host(2048 * MiB)]).batch_size
+    plan = make_plan(r, [host(2048 * MiB)], max_batch_size=cap, multiple_of=multiple)
+    assert plan.batch_size == (expected if expected is not None else free - free % multiple)
+    if cap is not None:
+        assert plan.limited_by == "max_batch_size"
+
+
+def test_dataset_size_caps_the_batch():
+    plan = make_plan(result(n=50), [host(64 * 1024 * MiB)])
+    assert plan.batch_size == 50 and plan.limited_by == "the dataset size" and plan.steps_per_epoch == 1
+
+
+def test_budget_smaller_than_one_sample_says_what_and_how_much():
+    with pytest.raises(BudgetError) as excinfo:
+        make_plan(result(), [host(512 * MiB)])
+    message = str(excinfo.value)
+    assert "cannot hold even one sample" in message and "train step" in message and "460.8 MiB" in message
+
+
+def test_gpu_budget_can_be_the_limit():
+    r = result(gpu=(100 * MiB, 1100 * MiB))  # GPU peak = ~28.6 MiB + 15.6 MiB/sample
+    plan = make_plan(r, [host(64 * 1024 * MiB), Budget("gpu", 4096 * MiB, "gpu_limit=4GiB")])
+    assert plan.limited_by == "gpu memory"
+    gpu = plan.budget("gpu")
+    assert gpu is not None and gpu.predicted_peak_bytes <= gpu.usable_bytes
+    assert "limited by gpu memory" in plan.explanation
+
+
+def test_failed_trial_caps_the_batch_below_it():
+    r = result(trials=((8, 600 * MiB), (64, 656 * MiB), (900, None)))
+    plan = make_plan(r, [host(64 * 1024 * MiB)])
+    assert plan.batch_size == 899 and "ran out of memory" in plan.limited_by
+
+
+def test_a_measured_point_above_the_line_pulls_the_plan_down():
+    easy = result()
+    hard = result(trials=((8, 600 * MiB), (64, 656 * MiB), (1000, 2000 * MiB)))
+    b_easy = make_plan(easy, [host(3000 * MiB)]).batch_size
+    b_hard = make_plan(hard, [host(3000 * MiB)]).batch_size
+    assert b_hard < b_easy
+    # the fitted line lies on or above every measured point
+    fit = hard.host_fit
+    assert all(fit(t.batch_size) >= t.peak_rss_bytes - 1 for t in hard.trials)
+
+
+def test_confirmed_by_a_fitting_trial_at_or_above_the_size():
+    r = result(n=500, trials=((8, 600 * MiB), (64, 656 * MiB), (500, 1092 * MiB)))
+    plan = make_plan(r, [host(4096 * MiB)])
+    assert plan.batch_size == 500 and plan.confirmed and plan.confirmed_batch_size == 500
+    assert plan.measured_peak_bytes == pytest.approx(1092 * MiB + predicted_host(r, 500) - (592 * MiB + 500 * MiB), abs=2)
+
+
+def test_shards_stream_when_the_dataset_does_not_fit():
+    r = result(source="shards", raw=3000 * MiB, shard=20 * MiB)
+    plan = make_plan(r, [host(2048 * MiB)])
+    assert plan.strategy == "stream"
+    assert predicted_host(r, plan.batch_size, strategy="stream") <= 2048 * MiB * 0.9
+    assert "streamed" in plan.explanation
+
+
+def test_shards_load_in_memory_when_they_fit_alongside():
+    plan = make_plan(result(source="shards", raw=5 * MiB, shard=1 * MiB), [host(8192 * MiB)])
+    assert plan.strategy == "in_memory" and "fits in memory" in plan.explanation
+
+
+def test_without_a_model_the_plan_says_step_memory_is_missing():
+    plan = make_plan(result(n=1000, trials=()), [host(8192 * MiB)])
+    assert plan.batch_size == 1000 and "no model was probed" in plan.explanation
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"safety": 1.0}, {"safety": -0.1}, {"max_batch_size": 0}, {"multiple_of": 0}, {"queue_batches": -1}]
+)
+def test_bad_options(kwargs):
+    with pytest.raises(ConfigError):
+        make_plan(result(), [host(2048 * MiB)], **kwargs)
+
+
+def test_plan_renders_with_numbers():
+    text = str(make_plan(result(), [host(2048 * MiB)]))
+    assert "batch_size" in text and "host" in text and "2.0 GiB" in text and "1.8 GiB" in text

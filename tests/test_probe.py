@@ -1,0 +1,209 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import autobatch
+from autobatch import ModelError, PreprocessError, ProbeError
+from autobatch._cache import cache_dir
+from autobatch._data import as_in_memory, sample_in_memory
+from autobatch.probe import Prober
+
+import canonical
+
+
+def _nbytes(outputs) -> int:
+    inputs, targets = outputs
+    return sum(a.nbytes for a in inputs.values()) + targets.nbytes
+
+
+def test_preprocessed_bytes_are_the_real_arrays_nbytes(frame):
+    result = autobatch.probe(frame, "label", preprocess=canonical.preprocess, cache=False)
+    sample = sample_in_memory(as_in_memory(frame, "label"), k=32)
+    random_bytes = _nbytes(canonical.preprocess(*sample.random.take(np.arange(32))))
+    worst_bytes = _nbytes(canonical.preprocess(*sample.worst.take(np.arange(32))))
+    assert result.preprocessed_bytes_per_sample == random_bytes / 32
+    assert result.worst_preprocessed_bytes_per_sample == worst_bytes / 32
+    assert result.raw_bytes == as_in_memory(frame, "label").nbytes
+    assert result.n_samples == len(frame) and result.trials == () and result.device == "none"
+
+
+def test_worst_case_batch_is_much_larger_on_skewed_lengths():
+    # 1000 short rows and two 1000-long ones: a random batch pads to ~10, the worst to 1000.
+    lengths = np.full(1000, 10)
+    lengths[[17, 612]] = 1000
+    rng = np.random.default_rng(0)
+    skewed = pd.DataFrame(
+        {
+            "in1": [rng.standard_normal(k).astype(np.float32) for k in lengths],
+            "in2": [rng.standard_normal(5).astype(np.float32) for _ in lengths],
+            "label": np.arange(1000) % 2,
+        }
+    )
+    result = autobatch.probe(skewed, "label", preprocess=canonical.preprocess, cache=False)
+    assert result.worst_preprocessed_bytes_per_sample > 20 * result.preprocessed_bytes_per_sample
+    # Padding expands data: every sample of the worst batch holds the longest sequence's length.
+    assert result.worst_preprocessed_bytes_per_sample >= 4 * 1000
+    assert result.worst_preprocessed_bytes_per_sample > 3 * result.raw_bytes_per_sample
+    # The transient peak of preprocessing covers at least its own output.
+    assert result.preprocess_peak_bytes_per_sample >= result.worst_preprocessed_bytes_per_sample
+
+
+def test_output_signature_marks_padded_axes_unknown(frame):
+    result = autobatch.probe(frame, "label", preprocess=canonical.preprocess, cache=False)
+    specs = {s.name: s for s in result.output_signature}
+    assert specs["x/in1"].dtype == "float32" and specs["x/in1"].shape == (None, None, 1)
+    assert specs["y"].shape == (None, 1)
+
+
+def test_parquet_shards_measure_like_the_frame(frame, shard_dirs):
+    shards = autobatch.probe(str(shard_dirs / "parquet"), "label", preprocess=canonical.preprocess, cache=False)
+    memory = autobatch.probe(frame, "label", preprocess=canonical.preprocess, cache=False)
+    assert shards.source == "shards" and shards.n_samples == memory.n_samples
+    assert shards.worst_preprocessed_bytes_per_sample == memory.worst_preprocessed_bytes_per_sample
+
+
+def _drop_one(x, y):
+    inputs, targets = canonical.preprocess(x, y)
+    return inputs, targets[:-1]
+
+
+def _keys_depend_on_length(x, y):
+    inputs, targets = canonical.preprocess(x, y)
+    if inputs["in1"].shape[1] > 100:
+        inputs["extra"] = inputs.pop("in2")
+    return inputs, targets
+
+
+def _dtype_depends_on_length(x, y):
+    inputs, targets = canonical.preprocess(x, y)
+    if inputs["in1"].shape[1] > 100:
+        inputs["in1"] = inputs["in1"].astype(np.float64)
+    return inputs, targets
+
+
+def _raises(x, y):
+    raise ValueError("bad row")
+
+
+@pytest.mark.parametrize(
+    ("fn", "message"),
+    [
+        (_raises, "preprocess raised ValueError: bad row on a random batch"),
+        (lambda x, y: None, "must return a pair (inputs, targets)"),
+        (_drop_one, "31 rows for y"),
+        (_keys_depend_on_length, "different arrays for different batches"),
+        (_dtype_depends_on_length, "float64[3-D] on a random batch but float32[3-D] on the batch of smallest rows"),
+        (lambda x, y: ({"in1": x["in1"].to_numpy()}, y), "dtype object"),
+    ],
+)
+def test_preprocess_errors_say_what_and_where(frame, fn, message):
+    with pytest.raises(PreprocessError) as excinfo:
+        autobatch.probe(frame, "label", preprocess=fn, cache=False)
+    assert message in str(excinfo.value)
+
+
+def test_default_preprocess_refuses_sequence_columns(frame):
+    with pytest.raises(PreprocessError) as excinfo:
+        autobatch.probe(frame, "label", cache=False)
+    assert "column 'in1'" in str(excinfo.value) and "pass a `preprocess`" in str(excinfo.value)
+
+
+def test_numeric_frame_needs_no_preprocess():
+    df = pd.DataFrame({"a": np.arange(100.0), "b": np.arange(100), "label": np.arange(100) % 2})
+    result = autobatch.probe(df, "label", cache=False)
+    assert result.preprocessed_bytes_per_sample == 8 + 8 + 8
+
+
+# ---------------------------------------------------------------- real training trials in a child
+
+
+def test_step_memory_is_measured_and_grows_with_batch(model_probe):
+    trials = model_probe.trials
+    assert [t.batch_size for t in trials] == [4, 32, 128] and all(t.fits for t in trials)
+    peaks = [t.peak_rss_bytes for t in trials]
+    assert peaks[-1] > peaks[0]
+    assert model_probe.baseline_rss_bytes is not None and model_probe.baseline_rss_bytes <= peaks[0]
+    # TensorFlow's runtime alone is hundreds of MiB; a real measurement cannot be tiny.
+    assert peaks[0] > 200 * 1024**2
+    fit = model_probe.host_fit
+    assert fit.slope_bytes >= model_probe.worst_preprocessed_bytes_per_sample
+    assert all(fit(t.batch_size) >= t.peak_rss_bytes - 1 for t in trials)
+    assert model_probe.device == "CPU" and model_probe.model_params > 0
+
+
+def test_uncompiled_model_is_refused(frame):
+    import keras
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    with pytest.raises(ModelError) as excinfo:
+        autobatch.probe(frame, "label", preprocess=canonical.preprocess, model=model, cache=False)
+    assert "not compiled" in str(excinfo.value)
+
+
+def test_missing_model_file(frame, tmp_path):
+    with pytest.raises(ModelError) as excinfo:
+        autobatch.probe(frame, "label", preprocess=canonical.preprocess, model=tmp_path / "nope.keras", cache=False)
+    assert "nope.keras" in str(excinfo.value)
+
+
+def test_model_function_that_is_not_a_model_fails_in_the_child_not_here(frame, tmp_path, monkeypatch):
+    (tmp_path / "notamodel.py").write_text("def build():\n    return 42\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError) as excinfo:
+        autobatch.probe(frame, "label", preprocess=canonical.preprocess, model="notamodel:build", cache=False)
+    assert "did not give a keras.Model" in str(excinfo.value)
+
+
+def test_trial_over_its_memory_limit_is_stopped_and_reported(frame, small_model_path):
+    with Prober(frame, "label", preprocess=canonical.preprocess, model=small_model_path) as prober:
+        stopped = prober.run_trial(8, rss_limit_bytes=64 * 1024**2)
+        assert not stopped.fits and "passed the limit of 64.0 MiB" in stopped.note
+        # The caller survives and the next trial gets a fresh child.
+        again = prober.run_trial(8)
+        assert again.fits and again.peak_rss_bytes > 64 * 1024**2
+
+
+def test_hanging_child_is_killed_after_the_timeout(frame, tmp_path, monkeypatch):
+    (tmp_path / "slow.py").write_text("import time\ndef build():\n    time.sleep(60)\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ProbeError) as excinfo:
+        autobatch.probe(frame, "label", preprocess=canonical.preprocess, model="slow:build", timeout_s=4, cache=False)
+    assert "longer than 4 s" in str(excinfo.value)
+
+
+# ---------------------------------------------------------------- cache
+
+
+def test_second_probe_answers_from_cache_and_corrupt_entries_are_rebuilt(frame):
+    first = autobatch.probe(frame, "label", preprocess=canonical.preprocess)
+    second = autobatch.probe(frame, "label", preprocess=canonical.preprocess)
+    assert not first.from_cache and second.from_cache
+    assert second.worst_preprocessed_bytes_per_sample == first.worst_preprocessed_bytes_per_sample
+    entry = cache_dir() / f"{first.cache_key}.json"
+    entry.write_text("{ not json")
+    third = autobatch.probe(frame, "label", preprocess=canonical.preprocess)
+    assert not third.from_cache and json.loads(entry.read_text())["key"] == first.cache_key
+
+
+def test_cache_key_changes_with_preprocess_and_data(frame):
+    a = autobatch.probe(frame, "label", preprocess=canonical.preprocess)
+    b = autobatch.probe(frame.iloc[:200], "label", preprocess=canonical.preprocess)
+    c = autobatch.probe(frame, "label", preprocess=_drop_one_free)
+    assert len({a.cache_key, b.cache_key, c.cache_key}) == 3 and not b.from_cache and not c.from_cache
+
+
+def _drop_one_free(x, y):
+    return canonical.preprocess(x, y)
+
+
+def test_probe_result_round_trips_through_json(model_probe):
+    restored = autobatch.ProbeResult.from_dict(json.loads(json.dumps(model_probe.to_dict())))
+    assert restored == model_probe
+
+
+def test_probe_result_renders(model_probe):
+    text = str(model_probe)
+    assert "train step, batch 128" in text and "after preprocess" in text and "MiB" in text
