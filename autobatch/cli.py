@@ -69,13 +69,45 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--no-cache", action="store_true", help="measure again even if a cached probe matches")
     probe.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     probe.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    report = commands.add_parser(
+        "report",
+        help="summarise a MemoryMonitor log (log_path=...) and plot it",
+        description="Render the memory summary of a run from its MemoryMonitor JSON-lines log and, where "
+        "matplotlib is installed (pip install 'autobatch[plot]'), save a PNG of memory over time.",
+    )
+    report.add_argument("log", help="the JSON-lines file written by MemoryMonitor(log_path=...)")
+    report.add_argument("--png", help="where to save the plot (default: LOG with .png)")
+    report.add_argument("--no-plot", action="store_true", help="only print the summary")
     return parser
+
+
+def _report(args: argparse.Namespace, console: Console) -> int:
+    from autobatch.monitor import plot_log, summary_from_log
+
+    try:
+        summary, records, header = summary_from_log(args.log)
+    except (OSError, ValueError) as exc:
+        Console(stderr=True, soft_wrap=True).print(Text.assemble(("error", "bold red"), f": {exc}"))
+        return 1
+    console.print(summary)
+    if args.no_plot:
+        return 0
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        console.print("matplotlib is not installed: pip install 'autobatch[plot]' to save a plot.")
+        return 0
+    out = plot_log(records, header, args.png or str(args.log).rsplit(".", 1)[0] + ".png")
+    console.print(f"plot saved to {out}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None, *, console: Console | None = None) -> int:
     """Run the CLI; returns (and exits with) 0 on success, 1 on an autobatch error, 2 on a usage error."""
     args = build_parser().parse_args(argv)
     console = console or Console()
+    if args.command == "report":
+        return _exit(_report(args, console), argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     target = None if not args.target else (args.target[0] if len(args.target) == 1 else args.target)
     probe_options = {"sample_batch_size": args.sample_batch_size}

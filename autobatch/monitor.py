@@ -1,0 +1,449 @@
+"""MemoryMonitor: a Keras callback that shows memory live during ``fit`` and summarises it after.
+
+The display pulls state: a daemon thread samples memory a few times a second
+(``tick``), and ``rich.live.Live`` renders the latest state; batches only bump
+counters. In a non-interactive terminal (CI logs, ``nohup``) it prints one
+concise line every ``line_interval_s`` instead of redrawing. The memory reader,
+the clock and the console are injectable so tests drive it with fakes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+import keras
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+from autobatch._memory import peak_rss_bytes, read_cgroup_memory, rss_bytes
+from autobatch._units import format_bytes
+from autobatch.plan import Plan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReading:
+    """One reading of the training process's memory."""
+
+    rss_bytes: int
+    """Resident memory of this process now."""
+    peak_rss_bytes: int
+    """Peak resident memory of this process so far (``VmHWM``)."""
+    available_bytes: int
+    """Memory the system (or the cgroup, if tighter) can still give."""
+    gpu_bytes: int | None = None
+    """Device memory in use now, on GPU."""
+    gpu_peak_bytes: int | None = None
+    """Peak device memory, on GPU."""
+
+
+def read_memory() -> MemoryReading:
+    """Read this process's memory (psutil, ``/proc``, cgroup, and TensorFlow's GPU info when loaded)."""
+    rss = rss_bytes()
+    available = psutil.virtual_memory().available
+    group = read_cgroup_memory()
+    if group is not None and group.usage_bytes is not None:
+        available = min(available, max(group.limit_bytes - group.usage_bytes, 0))
+    gpu = gpu_peak = None
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and tf.config.list_physical_devices("GPU"):
+        info = tf.config.experimental.get_memory_info("GPU:0")
+        gpu, gpu_peak = int(info["current"]), int(info["peak"])
+    return MemoryReading(rss, peak_rss_bytes() or rss, available, gpu, gpu_peak)
+
+
+@dataclasses.dataclass(frozen=True)
+class MonitorSummary:
+    """What a training run did with memory and time."""
+
+    peak_rss_bytes: int
+    predicted_peak_bytes: int | None
+    host_budget_bytes: int | None
+    peak_gpu_bytes: int | None
+    gpu_budget_bytes: int | None
+    samples: int
+    seconds: float
+    step_seconds: float
+    """Wall time inside training steps (on the TF backend this includes fetching data in-graph)."""
+    between_steps_seconds: float
+    """Wall time between one step's end and the next one's start (callbacks, Python feed overhead)."""
+    feed_seconds: float | None
+    """Time the feed spent producing batches, when the feed reports it (may overlap steps)."""
+    warnings: tuple[str, ...]
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    def __rich__(self) -> Table:
+        table = Table(title="autobatch memory summary", header_style="bold")
+        table.add_column("")
+        table.add_column("measured", justify="right")
+        table.add_column("predicted", justify="right")
+        table.add_column("budget", justify="right")
+        pct = f" ({self.peak_rss_bytes / self.host_budget_bytes:.0%})" if self.host_budget_bytes else ""
+        table.add_row(
+            "peak RSS (VmHWM)",
+            format_bytes(self.peak_rss_bytes) + pct,
+            format_bytes(self.predicted_peak_bytes),
+            format_bytes(self.host_budget_bytes),
+        )
+        if self.peak_gpu_bytes is not None:
+            table.add_row("peak GPU", format_bytes(self.peak_gpu_bytes), "-", format_bytes(self.gpu_budget_bytes))
+        table.add_row("samples/s (mean)", f"{self.samples_per_second:,.1f}", "", "")
+        table.add_row("time in training steps", f"{self.step_seconds:.1f} s", "", "")
+        table.add_row("time between steps", f"{self.between_steps_seconds:.1f} s", "", "")
+        if self.feed_seconds is not None:
+            table.add_row("feed producing batches", f"{self.feed_seconds:.1f} s", "", "")
+        if self.warnings:
+            table.caption = f"{len(self.warnings)} memory warning(s): {self.warnings[-1]}"
+        return table
+
+
+class MemoryMonitor(keras.callbacks.Callback):
+    """Show process RSS, headroom, GPU memory and samples/s live during ``model.fit``.
+
+    Use ``verbose=0`` in ``fit`` so Keras's own progress bar does not fight the live display.
+
+    Args:
+        plan: the :class:`Plan` training follows: its budgets, predicted peak and batch size.
+        warn_at: warn when memory crosses this fraction of a budget.
+        host_budget_bytes: the host budget when there is no plan.
+        batch_size: samples per step when there is no plan.
+        interval_s: how often memory is sampled (and the live display refreshed).
+        line_interval_s: in a non-interactive terminal, print one line this often.
+        log_path: write one JSON record per sample to this file (for ``autobatch report``).
+        feed: the feed, if it reports time spent producing batches (``feed.stats.seconds``).
+        disable: do nothing at all.
+        console: where to draw (default: rich's global console).
+        reader: returns a :class:`MemoryReading` (default :func:`read_memory`).
+        clock: monotonic seconds (default ``time.monotonic``).
+        background: sample from a daemon thread; ``False`` leaves sampling to ``tick()`` calls.
+
+    Example:
+        >>> model.fit(feed, epochs=3, verbose=0, callbacks=[autobatch.MemoryMonitor(plan)])
+    """
+
+    def __init__(
+        self,
+        plan: Plan | None = None,
+        *,
+        warn_at: float = 0.9,
+        host_budget_bytes: int | None = None,
+        batch_size: int | None = None,
+        interval_s: float = 0.25,
+        line_interval_s: float = 10.0,
+        log_path: str | os.PathLike[str] | None = None,
+        feed: Any = None,
+        disable: bool = False,
+        console: Console | None = None,
+        reader: Callable[[], MemoryReading] = read_memory,
+        clock: Callable[[], float] = time.monotonic,
+        background: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0 < warn_at <= 1:
+            raise ValueError(f"`warn_at` must be in (0, 1]. Received: warn_at={warn_at}")
+        self.plan = plan
+        host = plan.budget("host") if plan is not None else None
+        gpu = plan.budget("gpu") if plan is not None else None
+        self.host_budget_bytes = host.budget.limit_bytes if host is not None else host_budget_bytes
+        self.gpu_budget_bytes = gpu.budget.limit_bytes if gpu is not None else None
+        self._host_source = host.budget.source if host is not None else "host_budget_bytes"
+        self.batch_size = plan.batch_size if plan is not None else batch_size
+        self.warn_at = warn_at
+        self.interval_s = interval_s
+        self.line_interval_s = line_interval_s
+        self.log_path = Path(log_path) if log_path is not None else None
+        self.feed = feed
+        self.disable = disable
+        self.console = console or Console()
+        self._reader = reader
+        self._clock = clock
+        self._background = background
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._live: Any = None
+        self._log: TextIO | None = None
+        self.summary: MonitorSummary | None = None
+        self._reset()
+
+    # ------------------------------------------------------------------ state
+
+    def _reset(self) -> None:
+        self._start = self._last_line = 0.0
+        self._reading: MemoryReading | None = None
+        self._peak_rss = 0
+        self._peak_gpu: int | None = None
+        self._epoch = 0
+        self._step = 0
+        self._steps_done = 0
+        self._samples = 0
+        self._step_seconds = self._between_seconds = 0.0
+        self._batch_started: float | None = None
+        self._batch_ended: float | None = None
+        self._over: set[str] = set()
+        self._warnings: list[str] = []
+
+    def _budget_checks(self, reading: MemoryReading) -> list[tuple[str, int, int, str]]:
+        checks = []
+        if self.host_budget_bytes:
+            checks.append(("host", reading.rss_bytes, self.host_budget_bytes, self._host_source))
+        if self.gpu_budget_bytes and reading.gpu_bytes is not None:
+            checks.append(("gpu", reading.gpu_bytes, self.gpu_budget_bytes, "gpu budget"))
+        return checks
+
+    def tick(self) -> MemoryReading:
+        """Take one memory reading: update peaks, warn on threshold crossings, log and print lines."""
+        reading = self._reader()
+        now = self._clock()
+        with self._lock:
+            self._reading = reading
+            self._peak_rss = max(self._peak_rss, reading.peak_rss_bytes, reading.rss_bytes)
+            if reading.gpu_peak_bytes is not None:
+                self._peak_gpu = max(self._peak_gpu or 0, reading.gpu_peak_bytes)
+        for kind, used, budget, source in self._budget_checks(reading):
+            if used >= self.warn_at * budget and kind not in self._over:
+                self._over.add(kind)
+                message = (
+                    f"{kind} memory at {format_bytes(used)} is {used / budget:.0%} of the {kind} budget "
+                    f"{format_bytes(budget)} ({source}); training may be killed if it keeps growing"
+                )
+                self._warnings.append(message)
+                logger.warning(message)
+                warnings.warn(message, ResourceWarning, stacklevel=2)
+                if self._live is None:
+                    self.console.print(f"[bold yellow]autobatch warning:[/] {message}", highlight=False)
+            elif used < self.warn_at * budget:
+                self._over.discard(kind)
+        if self._log is not None:
+            record = {"t": round(now - self._start, 3), "epoch": self._epoch, "step": self._step, **dataclasses.asdict(reading)}
+            record["samples_per_s"] = round(self._samples_per_second(now), 2)
+            self._log.write(json.dumps(record) + "\n")
+            self._log.flush()
+        if self._live is None and now - self._last_line >= self.line_interval_s:
+            self._last_line = now
+            self.console.print(self._line(reading, now), highlight=False, soft_wrap=True)
+        return reading
+
+    def _samples_per_second(self, now: float) -> float:
+        elapsed = now - self._start
+        return self._samples / elapsed if elapsed > 0 else 0.0
+
+    def _line(self, reading: MemoryReading, now: float) -> str:
+        epochs = self.params.get("epochs", "?") if self.params else "?"
+        steps = self.params.get("steps") if self.params else None
+        parts = [f"epoch {self._epoch + 1}/{epochs} step {self._step}" + (f"/{steps}" if steps else "")]
+        rss = f"RSS {format_bytes(reading.rss_bytes)} (peak {format_bytes(self._peak_rss)})"
+        if self.host_budget_bytes:
+            rss += f" of {format_bytes(self.host_budget_bytes)} budget ({reading.rss_bytes / self.host_budget_bytes:.0%})"
+        parts.append(rss)
+        parts.append(f"available {format_bytes(reading.available_bytes)}")
+        if reading.gpu_bytes is not None:
+            parts.append(f"GPU {format_bytes(reading.gpu_bytes)} (peak {format_bytes(self._peak_gpu)})")
+        parts.append(f"{self._samples_per_second(now):,.0f} samples/s")
+        return "autobatch | " + " | ".join(parts)
+
+    def _render(self) -> Table:
+        with self._lock:
+            reading = self._reading
+        now = self._clock()
+        table = Table(title="autobatch memory", show_header=False, box=None, padding=(0, 2))
+        table.add_column(style="bold")
+        table.add_column(justify="right")
+        table.add_column(style="dim")
+        epochs = self.params.get("epochs", "?") if self.params else "?"
+        steps = self.params.get("steps") if self.params else None
+        table.add_row("epoch / step", f"{self._epoch + 1}/{epochs}  {self._step}" + (f"/{steps}" if steps else ""), "")
+        if reading is not None:
+            budget = format_bytes(self.host_budget_bytes) if self.host_budget_bytes else "-"
+            table.add_row("process RSS", format_bytes(reading.rss_bytes), f"budget {budget}")
+            predicted = format_bytes(self.plan.predicted_peak_bytes) if self.plan is not None else "-"
+            table.add_row("peak RSS", format_bytes(self._peak_rss), f"predicted {predicted}")
+            headroom = ""
+            if self.host_budget_bytes:
+                headroom = f"headroom to budget {format_bytes(self.host_budget_bytes - reading.rss_bytes)}"
+            table.add_row("system available", format_bytes(reading.available_bytes), headroom)
+            if reading.gpu_bytes is not None:
+                table.add_row("GPU", format_bytes(reading.gpu_bytes), f"peak {format_bytes(self._peak_gpu)}")
+        table.add_row("samples/s", f"{self._samples_per_second(now):,.1f}", "")
+        return table
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.tick()
+            except Exception:  # a failed reading must never break training
+                logger.exception("memory reading failed")
+
+    # ------------------------------------------------------------------ keras hooks
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        if self.disable:
+            return
+        self._reset()
+        self.summary = None
+        self._start = self._clock()
+        self._last_line = self._start - self.line_interval_s
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(self.log_path, "w")
+            header = {
+                "type": "header",
+                "host_budget_bytes": self.host_budget_bytes,
+                "gpu_budget_bytes": self.gpu_budget_bytes,
+                "predicted_peak_bytes": self.plan.predicted_peak_bytes if self.plan is not None else None,
+                "batch_size": self.batch_size,
+            }
+            self._log.write(json.dumps(header) + "\n")
+        if self.console.is_terminal and self._background:
+            from rich.live import Live
+
+            self._live = Live(get_renderable=self._render, console=self.console, refresh_per_second=4, transient=False)
+            self._live.start()
+        self.tick()
+        if self._background:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="autobatch-monitor", daemon=True)
+            self._thread.start()
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._epoch = epoch
+        self._step = 0
+
+    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        now = self._clock()
+        if self._batch_ended is not None:
+            self._between_seconds += now - self._batch_ended
+        self._batch_started = now
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        now = self._clock()
+        if self._batch_started is not None:
+            self._step_seconds += now - self._batch_started
+        self._batch_ended = now
+        self._step = batch + 1
+        self._steps_done += 1
+        if self.batch_size:
+            self._samples += self.batch_size
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._batch_ended = None  # validation and epoch-end work is not "between steps"
+        if self.plan is not None and self.batch_size and self._step == self.plan.steps_per_epoch:
+            # The last batch of an epoch may be smaller: count the real number of samples.
+            self._samples -= self.plan.steps_per_epoch * self.batch_size - self.plan.n_samples
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        if self.disable:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        reading = self.tick()
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+        feed_stats = getattr(self.feed, "stats", None)
+        self.summary = MonitorSummary(
+            peak_rss_bytes=max(self._peak_rss, reading.peak_rss_bytes),
+            predicted_peak_bytes=self.plan.predicted_peak_bytes if self.plan is not None else None,
+            host_budget_bytes=self.host_budget_bytes,
+            peak_gpu_bytes=self._peak_gpu,
+            gpu_budget_bytes=self.gpu_budget_bytes,
+            samples=self._samples,
+            seconds=self._clock() - self._start,
+            step_seconds=self._step_seconds,
+            between_steps_seconds=self._between_seconds,
+            feed_seconds=getattr(feed_stats, "seconds", None),
+            warnings=tuple(self._warnings),
+        )
+        if self._log is not None:
+            self._log.write(json.dumps({"type": "summary", **dataclasses.asdict(self.summary)}) + "\n")
+            self._log.close()
+            self._log = None
+        self.console.print(self.summary)
+
+
+def summary_from_log(path: str | os.PathLike[str]) -> tuple[MonitorSummary, list[dict[str, Any]], dict[str, Any]]:
+    """Read a ``log_path`` file: its summary, its interval records and its header.
+
+    Raises:
+        ValueError: the file is not an autobatch monitor log.
+    """
+    header: dict[str, Any] = {}
+    records: list[dict[str, Any]] = []
+    summary: MonitorSummary | None = None
+    with open(path) as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                raise ValueError(f"{path}: line {number} is not JSON ({exc})") from exc
+            kind = record.pop("type", None)
+            if kind == "header":
+                header = record
+            elif kind == "summary":
+                record["warnings"] = tuple(record.get("warnings", ()))
+                summary = MonitorSummary(**record)
+            else:
+                records.append(record)
+    if summary is None:
+        if not records:
+            raise ValueError(f"{path} holds no autobatch monitor records")
+        # A run that was killed never wrote its summary: rebuild what the records show.
+        summary = MonitorSummary(
+            peak_rss_bytes=max(r["peak_rss_bytes"] for r in records),
+            predicted_peak_bytes=header.get("predicted_peak_bytes"),
+            host_budget_bytes=header.get("host_budget_bytes"),
+            peak_gpu_bytes=max((r["gpu_peak_bytes"] for r in records if r.get("gpu_peak_bytes")), default=None),
+            gpu_budget_bytes=header.get("gpu_budget_bytes"),
+            samples=int(records[-1].get("samples_per_s", 0) * records[-1]["t"]),
+            seconds=records[-1]["t"],
+            step_seconds=0.0,
+            between_steps_seconds=0.0,
+            feed_seconds=None,
+            warnings=(),
+        )
+    return summary, records, header
+
+
+def plot_log(records: list[dict[str, Any]], header: dict[str, Any], out: str | os.PathLike[str]) -> Path:
+    """Save a PNG of RSS (and peak) over time against the budget; needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [r["t"] for r in records]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(t, [r["rss_bytes"] / 2**20 for r in records], label="RSS")
+    ax.plot(t, [r["peak_rss_bytes"] / 2**20 for r in records], label="peak RSS", linestyle="--")
+    if header.get("host_budget_bytes"):
+        ax.axhline(header["host_budget_bytes"] / 2**20, color="red", label="host budget")
+    if header.get("predicted_peak_bytes"):
+        ax.axhline(header["predicted_peak_bytes"] / 2**20, color="gray", linestyle=":", label="predicted peak")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("MiB")
+    ax.legend(loc="lower right")
+    ax.set_title("autobatch: memory during fit")
+    fig.tight_layout()
+    path = Path(out)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
