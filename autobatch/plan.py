@@ -67,7 +67,16 @@ class Plan:
     """Host peak of the confirming trial plus data and queue, when ``confirmed``."""
     confirmed_batch_size: int | None
     """Batch size of the confirming trial (this size or larger: memory grows with the batch)."""
+    gradient_accumulation_steps: int
+    """Steps per optimizer update; above 1 when ``target_batch_size`` does not fit in one step."""
+    target_batch_size: int | None
+    """The batch size the user asked the optimisation to see, if any."""
     probe: ProbeResult
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Samples per optimizer update: ``batch_size × gradient_accumulation_steps``."""
+        return self.batch_size * self.gradient_accumulation_steps
 
     def budget(self, kind: str) -> BudgetUse | None:
         """The :class:`BudgetUse` of ``"host"`` or ``"gpu"``, if planned against."""
@@ -115,6 +124,11 @@ class Plan:
         header = Text.assemble(
             ("batch_size ", "bold"),
             (f"{self.batch_size:,}", "bold green"),
+            (
+                f" × {self.gradient_accumulation_steps} accumulation steps = {self.effective_batch_size:,} per update"
+                if self.gradient_accumulation_steps > 1
+                else ""
+            ),
             f"   strategy {self.strategy}   {self.steps_per_epoch:,} steps/epoch over {self.n_samples:,} samples",
         )
         return Group(header, table, Text(self.explanation), Text(confirmed, style="dim"))
@@ -125,6 +139,15 @@ class Plan:
         console = Console(width=120, record=True, file=open(os.devnull, "w"))
         console.print(self)
         return console.export_text()
+
+
+def _split_target(target: int, fits: int) -> tuple[int, int]:
+    """(steps, batch) with batch <= fits and steps × batch == target where a divisor allows."""
+    least = math.ceil(target / fits)
+    for steps in range(least, 2 * least + 1):
+        if target % steps == 0:
+            return steps, target // steps
+    return least, math.ceil(target / least)
 
 
 def _max_batch(intercept: float, slope: float, usable: float) -> int | None:
@@ -161,6 +184,7 @@ def make_plan(
     multiple_of: int | None = None,
     queue_batches: int = 2,
     read_ahead_shards: int = 1,
+    target_batch_size: int | None = None,
 ) -> Plan:
     """Choose the largest batch size whose predicted peak fits every budget.
 
@@ -172,6 +196,9 @@ def make_plan(
         multiple_of: round the batch size down to a multiple of this.
         queue_batches: batches the feed may hold waiting (queue depth × workers).
         read_ahead_shards: shard files read ahead of the current one when streaming.
+        target_batch_size: the batch the optimisation should see. When it does not fit,
+            the plan keeps it by gradient accumulation (Keras optimizers'
+            ``gradient_accumulation_steps``) instead of silently training on less.
 
     Returns:
         The :class:`Plan`.
@@ -186,18 +213,14 @@ def make_plan(
         raise ConfigError(f"`max_batch_size` must be >= 1. Received: max_batch_size={max_batch_size}")
     if multiple_of is not None and multiple_of < 1:
         raise ConfigError(f"`multiple_of` must be >= 1. Received: multiple_of={multiple_of}")
+    if target_batch_size is not None and target_batch_size < 1:
+        raise ConfigError(f"`target_batch_size` must be >= 1. Received: target_batch_size={target_batch_size}")
     if queue_batches < 0:
         raise ConfigError(f"`queue_batches` must be >= 0. Received: queue_batches={queue_batches}")
     if not budgets:
         raise ConfigError("make_plan needs at least one budget (the host's).")
 
-    def plan_for(strategy: Strategy) -> tuple[int, str, list[BudgetUse], list[tuple[Budget, float, float, list[Any]]]]:
-        caps: list[tuple[int, str]] = [(result.n_samples, "the dataset size")]
-        if max_batch_size is not None:
-            caps.append((max_batch_size, "max_batch_size"))
-        failed = result.failed_batch_size()
-        if failed is not None:
-            caps.append((failed - 1, f"a real trial at batch {failed} that ran out of memory"))
+    def lines_for(strategy: Strategy, accumulators: bool) -> list[tuple[Budget, float, float, float, list[Any]]]:
         lines = []
         for budget in budgets:
             usable = budget.limit_bytes * (1 - safety)
@@ -208,31 +231,49 @@ def make_plan(
                 if fit is None:
                     continue
                 a, s, parts = fit.intercept_bytes, fit.slope_bytes, [("train step", fit.intercept_bytes, fit.slope_bytes)]
+            if accumulators and result.model_params:
+                # One float32 accumulator per weight: the probe's steps ran without them.
+                extra = 4.0 * result.model_params
+                a, parts = a + extra, [*parts, ("gradient accumulators", extra, 0.0)]
             lines.append((budget, usable, a, s, parts))
+        return lines
+
+    def largest(lines: list[tuple[Budget, float, float, float, list[Any]]]) -> tuple[int, str]:
+        caps: list[tuple[int, str]] = [(result.n_samples, "the dataset size")]
+        if max_batch_size is not None:
+            caps.append((max_batch_size, "max_batch_size"))
+        failed = result.failed_batch_size()
+        if failed is not None:
+            caps.append((failed - 1, f"a real trial at batch {failed} that ran out of memory"))
+        for budget, usable, a, s, _ in lines:
             allowed = _max_batch(a, s, usable)
             if allowed is not None:
                 caps.append((allowed, f"{budget.kind} memory"))
         batch, limited_by = min(caps, key=lambda c: c[0])
         if multiple_of is not None and batch >= multiple_of:
             batch -= batch % multiple_of
-        uses = []
-        for budget, usable, a, s, parts in lines:
-            uses.append(
-                BudgetUse(
-                    budget=budget,
-                    usable_bytes=int(usable),
-                    predicted_peak_bytes=int(round(a + s * max(batch, 1))),
-                    components=tuple((name, int(round(pa + ps * max(batch, 1)))) for name, pa, ps in parts),
-                    max_batch_size=_max_batch(a, s, usable),
-                )
+        return batch, limited_by
+
+    def uses_at(lines: list[tuple[Budget, float, float, float, list[Any]]], batch: int) -> list[BudgetUse]:
+        b = max(batch, 1)
+        return [
+            BudgetUse(
+                budget=budget,
+                usable_bytes=int(usable),
+                predicted_peak_bytes=int(round(a + s * b)),
+                components=tuple((name, int(round(pa + ps * b))) for name, pa, ps in parts),
+                max_batch_size=_max_batch(a, s, usable),
             )
-        return batch, limited_by, uses, lines
+            for budget, usable, a, s, parts in lines
+        ]
 
     strategy: Strategy = "in_memory"
-    batch, limited_by, uses, _ = plan_for("in_memory")
+    lines = lines_for("in_memory", False)
+    batch, limited_by = largest(lines)
     strategy_reason = "the data is already in memory"
     if result.source == "shards":
-        stream_batch, stream_limit, stream_uses, _ = plan_for("stream")
+        stream_lines = lines_for("stream", False)
+        stream_batch, stream_limit = largest(stream_lines)
         # Holding everything avoids re-reading files each epoch; worth it unless it costs >10% of the batch.
         if batch >= 1 and batch >= 0.9 * stream_batch:
             strategy_reason = (
@@ -245,7 +286,25 @@ def make_plan(
                 + (f"cut the batch to {batch}" if batch >= 1 else "not fit at all")
                 + f", so shards are streamed ({1 + read_ahead_shards} file(s) resident)"
             )
-            batch, limited_by, uses = stream_batch, stream_limit, stream_uses
+            batch, limited_by, lines = stream_batch, stream_limit, stream_lines
+    accumulation_steps = 1
+    target_note = ""
+    if target_batch_size is not None and batch >= 1:
+        if target_batch_size <= batch:
+            batch, limited_by = target_batch_size, "target_batch_size"
+        else:
+            lines = lines_for(strategy, True)
+            fits, _ = largest(lines)
+            if fits >= 1:
+                accumulation_steps, batch = _split_target(target_batch_size, fits)
+                target_note = (
+                    f"; the target batch {target_batch_size:,} does not fit (at most {fits:,}), so each optimizer "
+                    f"update accumulates gradients over {accumulation_steps} steps of {batch:,} = "
+                    f"{batch * accumulation_steps:,} samples"
+                )
+            else:
+                batch = fits
+    uses = uses_at(lines, batch)
     if batch < 1:
         use = next(u for u in uses if u.max_batch_size == 0) if any(u.max_batch_size == 0 for u in uses) else uses[0]
         parts = ", ".join(f"{name} {format_bytes(v)}" for name, v in use.components)
@@ -268,6 +327,7 @@ def make_plan(
             if host
             else ""
         )
+    explanation += target_note
     if not result.has_model:
         explanation += "; no model was probed, so the training step's memory is not included (pass a model)"
     explanation += f". Strategy {strategy}: {strategy_reason}."
@@ -277,7 +337,7 @@ def make_plan(
     measured = confirmed_batch = None
     confirmed = False
     if host is not None:
-        _, _, parts = _host_terms(result, strategy, queue_batches, read_ahead_shards)
+        parts = next(line[4] for line in lines if line[0].kind == "host")
         for trial in sorted(result.trials, key=lambda t: t.batch_size):
             if trial.batch_size < batch or not trial.fits or trial.peak_rss_bytes is None:
                 continue
@@ -297,6 +357,8 @@ def make_plan(
         safety=safety,
         queue_batches=queue_batches,
         confirmed=confirmed,
+        gradient_accumulation_steps=accumulation_steps,
+        target_batch_size=target_batch_size,
         measured_peak_bytes=measured,
         confirmed_batch_size=confirmed_batch,
         probe=result,

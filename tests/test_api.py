@@ -125,7 +125,8 @@ def test_planned_batch_keeps_a_real_training_run_under_the_limit(long_frame_path
         frame, "label", preprocess=canonical.preprocess, model=f"{canonical.__file__}:build_model",
         ram_limit=ram_limit, cache=False, trial_batch_sizes=(4, 16, 64),
     )
-    assert plan.confirmed and plan.limited_by == "host memory", plan.explanation
+    # Memory is the limit: the fitted line, or a confirming trial that the watchdog stopped at the limit.
+    assert plan.confirmed and (plan.limited_by == "host memory" or "ran out of memory" in plan.limited_by), plan.explanation
     assert 1 < plan.batch_size < len(frame)
     script = tmp_path / "train.py"
     examples = str(canonical.__file__).rsplit("/", 1)[0]

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -132,3 +133,29 @@ def test_bad_options(kwargs):
 def test_plan_renders_with_numbers():
     text = str(make_plan(result(), [host(2048 * MiB)]))
     assert "batch_size" in text and "host" in text and "2.0 GiB" in text and "1.8 GiB" in text
+
+
+def test_target_batch_that_fits_is_used_as_is():
+    plan = make_plan(result(), [host(64 * 1024 * MiB)], target_batch_size=256)
+    assert plan.batch_size == 256 and plan.gradient_accumulation_steps == 1 and plan.limited_by == "target_batch_size"
+
+
+def test_target_batch_too_large_is_kept_by_gradient_accumulation():
+    r = dataclasses.replace(result(), model_params=10_000_000)
+    free = make_plan(r, [host(2048 * MiB)])
+    plan = make_plan(r, [host(2048 * MiB)], target_batch_size=4096)
+    assert plan.gradient_accumulation_steps > 1
+    assert plan.effective_batch_size == 4096  # exactly the target, never silently smaller
+    assert plan.batch_size <= free.batch_size
+    # the accumulators (one float32 per weight) are budgeted
+    components = dict(plan.budget("host").components)
+    assert components["gradient accumulators"] == 40_000_000
+    assert plan.predicted_peak_bytes <= 2048 * MiB * 0.9
+    assert "accumulates gradients over" in plan.explanation and "4,096" in str(plan)
+
+
+def test_prime_target_uses_the_fewest_steps_that_reach_it():
+    r = result()
+    plan = make_plan(r, [host(2048 * MiB)], target_batch_size=4099)  # prime: no exact split
+    assert plan.effective_batch_size >= 4099
+    assert plan.effective_batch_size - 4099 < plan.gradient_accumulation_steps
