@@ -7,13 +7,18 @@ import hashlib
 import logging
 import math
 import os
+import warnings
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from autobatch import _cache
 from autobatch._memory import Budget, gpu_budget, host_budget
 from autobatch.plan import Plan, make_plan
+from autobatch.errors import ConfigError
 from autobatch.probe import Preprocess, Prober, ProbeResult
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +88,7 @@ def plan(
     safety: float = 0.1,
     max_batch_size: int | None = None,
     multiple_of: int | None = None,
+    target_batch_size: int | None = None,
     queue_batches: int = 2,
     confirm: bool = True,
     cache: bool = True,
@@ -107,6 +113,8 @@ def plan(
         safety: fraction of each budget kept free.
         max_batch_size: never plan a larger batch.
         multiple_of: round the batch size down to a multiple of this.
+        target_batch_size: the batch the optimisation should see; kept by gradient
+            accumulation when it does not fit in one step.
         queue_batches: batches the feed may hold waiting.
         confirm: run the confirming trial at the chosen size.
         cache: reuse an identical earlier probe (same data, preprocess, model, device, budget).
@@ -129,7 +137,13 @@ def plan(
     gpu = gpu_budget(gpu_limit)
     if gpu is not None:
         budgets.append(gpu)
-    options = dict(safety=safety, max_batch_size=max_batch_size, multiple_of=multiple_of, queue_batches=queue_batches)
+    options = dict(
+        safety=safety,
+        max_batch_size=max_batch_size,
+        multiple_of=multiple_of,
+        queue_batches=queue_batches,
+        target_batch_size=target_batch_size,
+    )
     with Prober(x, y, preprocess=preprocess, model=model, **probe_options) as prober:
         probe_key = prober.cache_key()
         settings = repr((_budget_bucket(budgets), sorted(options.items()))).encode()
@@ -152,3 +166,135 @@ def plan(
         else:
             chosen = make_plan(result, budgets, **options)
         return chosen
+
+
+def _optimizer_with_accumulation(model: Any, steps: int) -> None:
+    """Make the model's optimizer accumulate gradients over ``steps`` (Keras 3 ``gradient_accumulation_steps``)."""
+    optimizer = model.optimizer
+    current = getattr(optimizer, "gradient_accumulation_steps", None) or 1
+    if current == steps:
+        return
+    if getattr(optimizer, "built", False):
+        raise ConfigError(
+            f"the plan keeps the target batch by accumulating gradients over {steps} steps, but model "
+            f"{model.name!r}'s optimizer is already built with gradient_accumulation_steps={current}. "
+            f"Compile the model with an optimizer created with gradient_accumulation_steps={steps}, or train first "
+            "with autobatch.fit on a freshly compiled model."
+        )
+    # Not yet built: the accumulators are created when it builds, on the first step.
+    optimizer.gradient_accumulation_steps = steps
+
+
+def fit(
+    model: Any,
+    x: Any,
+    y: Any = None,
+    *,
+    preprocess: Preprocess | str | None = None,
+    epochs: int = 1,
+    validation_data: Any = None,
+    validation_split: float | None = None,
+    ram_limit: int | str | None = None,
+    gpu_limit: int | str | None = None,
+    safety: float = 0.1,
+    max_batch_size: int | None = None,
+    target_batch_size: int | None = None,
+    callbacks: Sequence[Any] | None = None,
+    shuffle: bool = True,
+    seed: int = 0,
+    monitor: bool = True,
+    log_path: str | os.PathLike[str] | None = None,
+    console: Console | None = None,
+    cache: bool = True,
+    verbose: int | str = 0,
+    **fit_kwargs: Any,
+) -> Any:
+    """Probe, plan, feed and train in one call: ``model.fit`` at the largest batch that fits.
+
+    Prints the plan first, trains with a :class:`MemoryMonitor` attached, and
+    returns Keras's ``History`` with the plan as ``history.autobatch_plan`` and
+    the monitor's summary as ``history.autobatch_summary``.
+
+    Args:
+        model: a compiled ``keras.Model`` (it is trained in place, as ``model.fit`` would).
+        x: in-memory data (DataFrame, arrays, dict of arrays) or shard files (a directory or glob).
+        y: targets, or the target column name(s).
+        preprocess: ``preprocess(batch_x, batch_y) -> (inputs, targets)`` applied to every batch.
+        epochs: passed to ``model.fit``.
+        validation_data: ``(x_val, y_val)`` raw data (fed through ``preprocess`` at the planned batch),
+            or anything ``model.fit`` accepts as validation data (a feed, a ``tf.data.Dataset``).
+        validation_split: hold out this fraction (rows in memory, whole shards when streaming).
+        ram_limit: peak host RAM the training process may use; default free RAM, cgroup-capped.
+        gpu_limit: device memory one replica may use; default free GPU memory.
+        safety: fraction of each budget kept free.
+        max_batch_size: never train on larger batches.
+        target_batch_size: the batch size the optimisation should see; kept by gradient
+            accumulation when it does not fit (never silently smaller).
+        callbacks: more Keras callbacks.
+        shuffle: reshuffle every epoch (the feed does it; Keras's own shuffle is off).
+        seed: for shuffling and the validation split.
+        monitor: attach the live :class:`MemoryMonitor`.
+        log_path: the monitor's JSON-lines log, for ``autobatch report``.
+        console: where the plan, the monitor and the summary are drawn.
+        cache: reuse an identical earlier probe.
+        verbose: Keras's progress bar; 0 by default so it does not fight the monitor.
+        **fit_kwargs: passed to ``model.fit``.
+
+    Returns:
+        The Keras ``History``, with ``autobatch_plan`` and ``autobatch_summary``.
+
+    Raises:
+        AutobatchError: a subclass saying what is wrong with the data, the
+            preprocessing, the model or the budget.
+
+    Example:
+        >>> history = autobatch.fit(model, df, "label", preprocess=pad, epochs=3, ram_limit="8GiB")
+        >>> history.autobatch_plan.batch_size
+    """
+    from rich.console import Console as RichConsole
+
+    from autobatch.monitor import MemoryMonitor
+
+    for ignored in ("batch_size", "steps_per_epoch"):
+        if ignored in fit_kwargs:
+            warnings.warn(
+                f"autobatch.fit chooses `{ignored}` from the plan; ignoring {ignored}={fit_kwargs.pop(ignored)!r}. "
+                "Use max_batch_size= or target_batch_size= to steer it.",
+                stacklevel=2,
+            )
+    fit_kwargs.pop("shuffle", None)
+    if validation_data is not None and validation_split is not None:
+        raise ConfigError("pass either `validation_data` or `validation_split`, not both.")
+    console = console or RichConsole()
+    chosen = plan(
+        x,
+        y,
+        preprocess=preprocess,
+        model=model,
+        ram_limit=ram_limit,
+        gpu_limit=gpu_limit,
+        safety=safety,
+        max_batch_size=max_batch_size,
+        target_batch_size=target_batch_size,
+        cache=cache,
+    )
+    console.print(chosen)
+    feeds = chosen.feed(x, y, preprocess=preprocess, shuffle=shuffle, seed=seed, validation_split=validation_split)
+    train, validation = feeds if isinstance(feeds, tuple) else (feeds, None)
+    if isinstance(validation_data, tuple) and len(validation_data) == 2:
+        validation = chosen.feed(*validation_data, preprocess=preprocess, shuffle=False)
+    elif validation_data is not None:
+        validation = validation_data
+    if chosen.gradient_accumulation_steps > 1:
+        _optimizer_with_accumulation(model, chosen.gradient_accumulation_steps)
+    all_callbacks = list(callbacks or [])
+    watcher = None
+    if monitor:
+        watcher = MemoryMonitor(chosen, console=console, log_path=log_path, feed=train)
+        all_callbacks.insert(0, watcher)
+    history = model.fit(
+        train, epochs=epochs, validation_data=validation, callbacks=all_callbacks, verbose=verbose, **fit_kwargs
+    )
+    history.autobatch_plan = chosen
+    history.autobatch_summary = watcher.summary if watcher is not None else None
+    return history
