@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -159,6 +158,8 @@ class Plan:
             >>> train, val = plan.feed("data/csv", "label", preprocess=pad, validation_split=0.1)
             >>> model.fit(train, validation_data=val, epochs=3, shuffle=False)
         """
+        import warnings
+
         from autobatch.feeds import make_feed  # feeds are a later stage than the plan
 
         queue = max(self.queue_batches, 1)

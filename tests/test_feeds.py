@@ -275,6 +275,21 @@ def test_shard_feed_keeps_current_file_plus_read_ahead_resident(tmp_path: Path) 
     feed.close()
 
 
+def test_shards_without_a_target_column_let_preprocess_build_targets(tmp_path: Path) -> None:
+    folder = write_shards(table(100), tmp_path / "csv", SIZES, "csv")
+
+    def preprocess(batch_x: pd.DataFrame, batch_y: None):
+        assert batch_y is None
+        return {"id": batch_x["id"].to_numpy()}, (batch_x["a"] > 0).to_numpy("float32")
+
+    feed = ShardFeed(folder, batch_size=16, preprocess=preprocess, seed=0)
+    x, y = feed[2]
+    frame = table(100)
+    np.testing.assert_array_equal(y, (frame["a"].to_numpy()[x["id"]] > 0).astype(np.float32))
+    (inputs,) = ShardFeed(folder, batch_size=16, shuffle=False)[0]  # no targets at all: (inputs,)
+    assert set(inputs) == {"id", "a", "b", "label"}
+
+
 def test_csv_row_counts_are_cached_by_path_size_and_mtime(tmp_path: Path) -> None:
     folder = write_shards(table(30), tmp_path / "csv", (10, 20), "csv")
     index = ShardIndex()
@@ -570,7 +585,8 @@ def test_to_tf_dataset_reports_a_batch_that_breaks_an_inferred_signature() -> No
     )
     dataset = feed.to_tf_dataset(infer_batches=1)
     assert dataset.element_spec[0]["in1"].shape.as_list() == [None, 3]
-    with pytest.raises(tf.errors.UnknownError, match=r"PreprocessError: batch 1 of epoch 0 gives x/in1 the shape \(8, 9\)"):
+    expected = r"PreprocessError: batch 1 of epoch 0 gives x/in1 the shape \(8, 9\)"
+    with pytest.raises(tf.errors.UnknownError, match=expected):
         list(dataset.as_numpy_iterator())
     relaxed = feed.to_tf_dataset(infer_batches=2)  # both batches seen: that axis varies
     assert relaxed.element_spec[0]["in1"].shape.as_list() == [None, None]
