@@ -491,3 +491,80 @@ def sample_shards(source: ShardSource, *, k: int, seed: int = 0, scan_bytes: int
             source.target,
         ),
     )
+
+
+# --------------------------------------------------------------------------- shard metadata for the feeds
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardInfo:
+    """Columns and row count of one shard file, read without loading its rows."""
+
+    path: Path
+    columns: tuple[str, ...]
+    """Column names exactly as :func:`read_shard` will return them."""
+    n_rows: int
+    size_bytes: int
+    mtime_ns: int
+
+
+def _csv_row_count(path: Path) -> int:
+    """Data rows of a CSV by a streaming pass that keeps one column as text.
+
+    Columns are named by position and kept as strings, so no type inference
+    can fail part-way through the file; quoted newlines are honoured, as pandas does.
+    """
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    reader = pacsv.open_csv(
+        path,
+        read_options=pacsv.ReadOptions(autogenerate_column_names=True, skip_rows=1),
+        parse_options=pacsv.ParseOptions(newlines_in_values=True),
+        convert_options=pacsv.ConvertOptions(include_columns=["f0"], column_types={"f0": pa.string()}),
+    )
+    return sum(batch.num_rows for batch in reader)
+
+
+def shard_info(path: Path) -> ShardInfo:
+    """Columns and row count of one shard: Parquet from its footer, CSV from its header and a counting pass.
+
+    Args:
+        path: a CSV or Parquet shard.
+
+    Returns:
+        The shard's :class:`ShardInfo`.
+
+    Raises:
+        DataError: the file is missing, empty (zero bytes or a header without
+            rows) or cannot be parsed; the message names the file and, for a
+            ragged CSV, the line.
+    """
+    if not path.exists():
+        raise DataError(f"shard {str(path)!r} does not exist (was it removed after listing?).")
+    stat = path.stat()
+    if stat.st_size == 0:
+        raise DataError(f"shard {str(path)!r} is an empty (zero-byte) file. Remove it or write its rows.")
+    try:
+        if shard_format(path) == "parquet":
+            import pyarrow.parquet as pq
+
+            parquet = pq.ParquetFile(path)
+            # An empty table through pandas gives the columns read_parquet will give (index columns restored).
+            columns = tuple(parquet.schema_arrow.empty_table().to_pandas().columns)
+            n_rows = int(parquet.metadata.num_rows)
+        else:
+            columns = tuple(pd.read_csv(path, nrows=0).columns)
+            n_rows = -1
+    except Exception as exc:  # pandas/pyarrow raise many types; all mean "cannot parse this file"
+        raise DataError(f"cannot read shard {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+    if n_rows < 0:
+        try:
+            n_rows = _csv_row_count(path)
+        except Exception:
+            # pyarrow is stricter than pandas in places and its messages lack line numbers:
+            # let pandas decide, so the file either loads (and is counted) or fails naming the line.
+            n_rows = len(read_shard(path))
+    if n_rows == 0:
+        raise DataError(f"shard {str(path)!r} has a header but no rows. Remove it or write its rows.")
+    return ShardInfo(path, columns, n_rows, int(stat.st_size), int(stat.st_mtime_ns))

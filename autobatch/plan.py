@@ -140,6 +140,66 @@ class Plan:
         console.print(self)
         return console.export_text()
 
+    def feed(
+        self,
+        data: Any,
+        targets: Any = None,
+        *,
+        preprocess: Any = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        validation_split: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The feed for this plan: its strategy, batch size and queue depth.
+
+        Args:
+            data: the data the plan was made for (in memory, or shard files).
+            targets: targets or target column name(s).
+            preprocess: the same ``preprocess`` the probe measured.
+            shuffle: reshuffle every epoch.
+            seed: seed of the shuffle and the validation split.
+            validation_split: hold out this fraction (rows in memory, whole shards
+                when streaming) and return ``(train, validation)``.
+            **kwargs: passed to :func:`autobatch.feeds.make_feed`.
+
+        Returns:
+            An :class:`~autobatch.feeds.InMemoryFeed` or :class:`~autobatch.feeds.ShardFeed`,
+            or ``(train_feed, validation_feed)`` with ``validation_split``. Every
+            batch is checked against the probe's output signature.
+
+        Example:
+            >>> train, val = plan.feed("data/csv", "label", preprocess=pad, validation_split=0.1)
+            >>> model.fit(train, validation_data=val, epochs=3, shuffle=False)
+        """
+        import warnings
+
+        from autobatch.feeds import make_feed  # feeds are a later stage than the plan
+
+        queue = max(self.queue_batches, 1)
+        waiting = kwargs.get("max_queue_size", queue) * max(kwargs.get("workers", 1), 1)
+        if waiting > queue:
+            warnings.warn(
+                f"the plan budgets {self.queue_batches} waiting batch(es), but max_queue_size × workers = {waiting}: "
+                f"memory may exceed the prediction. Plan with queue_batches={waiting} instead.",
+                stacklevel=2,
+            )
+        kwargs.setdefault("max_queue_size", queue)
+        kwargs.setdefault("output_signature", self.probe.output_signature)
+        worst_batch_bytes = math.ceil(self.probe.worst_preprocessed_bytes_per_sample * self.batch_size)
+        kwargs.setdefault("max_batch_bytes", worst_batch_bytes)
+        return make_feed(
+            data,
+            targets,
+            batch_size=self.batch_size,
+            strategy=self.strategy,
+            preprocess=preprocess,
+            shuffle=shuffle,
+            seed=seed,
+            validation_split=validation_split,
+            **kwargs,
+        )
+
 
 def _split_target(target: int, fits: int) -> tuple[int, int]:
     """(steps, batch) with batch <= fits and steps × batch == target where a divisor allows."""

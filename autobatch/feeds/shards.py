@@ -1,0 +1,435 @@
+"""Shard streaming: batches cut across CSV/Parquet files, with a bounded number of files in memory.
+
+The epoch is one long, virtual sequence of rows: the shard files in this epoch's
+order (shuffled per epoch), each file's rows in this epoch's order (shuffled
+within the file, which is the bounded shuffle buffer). Batch ``i`` is positions
+``[i·b, (i+1)·b)`` of that sequence, so batches run across file boundaries (a
+file's leftover rows open the next batch), ``len(feed)`` is exact from the row
+counts, and every row is served exactly once per epoch.
+
+Batch ``i`` is found from the cumulative row counts (a binary search), so any
+index can be served at any time: random access reads the file(s) holding it.
+Read in order, as Keras does with ``workers=1`` and ``fit(..., shuffle=False)``,
+the next ``read_ahead`` files load in a background thread while the current one
+is cut into batches, so reading overlaps training. Loaded files sit in a small
+cache of the files the current batch needs plus the read-ahead (plus one per
+extra Keras worker): memory is about ``(1 + read_ahead)`` files, whatever the
+number of shards.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import threading
+import warnings
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from autobatch._data import ShardInfo, ShardSource, read_shard, shard_info
+from autobatch.errors import ConfigError, DataError
+from autobatch.feeds.base import BaseFeed, RawBatch, check_fraction
+
+logger = logging.getLogger(__name__)
+
+
+class ShardIndex:
+    """Columns and row counts of shard files, cached per path, size and modification time.
+
+    One index is shared by a feed and the feeds split from it, so each CSV is
+    counted once; a file that changed on disk is counted again.
+    """
+
+    def __init__(self) -> None:
+        self._infos: dict[tuple[str, int, int], ShardInfo] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        with self._lock:
+            return {"_infos": dict(self._infos)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._infos = state["_infos"]
+        self._lock = threading.Lock()
+
+    def info(self, path: Path) -> ShardInfo:
+        """The :class:`ShardInfo` of ``path``, counted on first use."""
+        try:
+            stat = path.stat()
+        except OSError:
+            return shard_info(path)  # raises the DataError naming the file
+        key = (str(path.resolve()), int(stat.st_size), int(stat.st_mtime_ns))
+        with self._lock:
+            cached = self._infos.get(key)
+        if cached is None:
+            cached = shard_info(path)
+            with self._lock:
+                self._infos[key] = cached
+        return cached
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _LoadedShard:
+    """One shard read into memory, split into inputs, targets and weights, with this epoch's row order."""
+
+    path: Path
+    x: pd.DataFrame
+    y: pd.Series | pd.DataFrame | None
+    sample_weight: np.ndarray | None
+    order: np.ndarray | None
+    """Row order within the shard for this epoch (``None``: file order)."""
+
+
+def _concat(parts: list[Any]) -> Any:
+    if parts[0] is None:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], (pd.DataFrame, pd.Series)):
+        return pd.concat(parts, ignore_index=True)
+    return np.concatenate(parts)
+
+
+class ShardFeed(BaseFeed):
+    """Batches streamed from CSV or Parquet shard files, every row exactly once per epoch.
+
+    Args:
+        source: a directory of shards (``0.csv … N.csv``, in numeric order), a
+            glob, one file, or a :class:`~autobatch._data.ShardSource`.
+        target: the target column name(s), split off each batch as ``batch_y``;
+            ``None`` if ``preprocess`` builds targets itself from ``batch_x``.
+        batch_size: rows per batch; the last batch of an epoch may be smaller.
+        preprocess: ``preprocess(batch_x, batch_y) -> (inputs, targets)`` on a
+            DataFrame of the batch's rows (target columns removed).
+        shuffle: shuffle the file order and the rows within each file, anew every epoch.
+        seed: seed of the shuffle.
+        drop_remainder: drop the last, smaller batch of each epoch.
+        sample_weight: a column holding per-row weights, returned as the third element.
+        read_ahead: files loaded in the background ahead of the current one.
+        output_signature, max_batch_bytes, workers, use_multiprocessing, max_queue_size:
+            as for :class:`~autobatch.feeds.InMemoryFeed`.
+
+    Raises:
+        DataError: the path is missing or matches no shards; a shard is empty,
+            unparseable, or its columns differ from the first shard's; the target
+            or weight column is missing. Every message names the file.
+        ConfigError: an option is out of range.
+
+    Example:
+        >>> feed = ShardFeed("data/csv", "label", batch_size=256, preprocess=pad)
+        >>> model.fit(feed, epochs=3, shuffle=False)  # the feed shuffles; keep Keras reading in order
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str] | ShardSource,
+        target: str | Sequence[str] | None = None,
+        *,
+        batch_size: int,
+        sample_weight: str | None = None,
+        read_ahead: int = 1,
+        index: ShardIndex | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(batch_size=batch_size, **options)
+        if isinstance(read_ahead, bool) or not isinstance(read_ahead, int) or read_ahead < 0:
+            raise ConfigError(
+                f"`read_ahead` must be an int >= 0 (files loaded ahead). Received: read_ahead={read_ahead!r}"
+            )
+        self.source = source if isinstance(source, ShardSource) else ShardSource.from_spec(source, target)
+        if isinstance(source, ShardSource) and target is not None:
+            self.source = dataclasses.replace(self.source, target=target if isinstance(target, str) else tuple(target))
+        self.read_ahead = read_ahead
+        self.sample_weight = sample_weight
+        self._index = index if index is not None else ShardIndex()
+        self.shards: tuple[ShardInfo, ...] = tuple(self._index.info(path) for path in self.source.files)
+        self._validate_columns()
+        self._counts = np.array([s.n_rows for s in self.shards], dtype=np.int64)
+        if self.drop_remainder and self.n_samples < self.batch_size:
+            raise ConfigError(
+                f"drop_remainder=True with batch_size={self.batch_size} leaves no batch of the {self.n_samples} rows "
+                f"in {len(self.shards)} shard(s). Lower the batch size or keep the remainder."
+            )
+
+    def _validate_columns(self) -> None:
+        first = self.shards[0]
+        for shard in self.shards[1:]:
+            if shard.columns != first.columns:
+                missing = [c for c in first.columns if c not in shard.columns]
+                extra = [c for c in shard.columns if c not in first.columns]
+                raise DataError(
+                    f"shard {str(shard.path)!r} has columns {list(shard.columns)}, but the first shard "
+                    f"{str(first.path)!r} has {list(first.columns)} (missing: {missing}, unexpected: {extra}). "
+                    "All shards must share one schema: fix or remove that file."
+                )
+        wanted = list(self._target_names())
+        if self.sample_weight is not None:
+            wanted.append(self.sample_weight)
+        missing = [name for name in wanted if name not in first.columns]
+        if missing:
+            raise DataError(
+                f"column(s) {missing} not found in shard {str(first.path)!r}, whose columns are {list(first.columns)}. "
+                "Pass the right `target`/`sample_weight` column name(s)."
+            )
+        if not [c for c in first.columns if c not in wanted]:
+            raise DataError(
+                f"every column of shard {str(first.path)!r} ({list(first.columns)}) is a target or weight column, "
+                "so no inputs remain. Name only the target column(s) in `target`."
+            )
+
+    def _target_names(self) -> tuple[str, ...]:
+        target = self.source.target
+        if target is None:
+            return ()
+        return (target,) if isinstance(target, str) else tuple(target)
+
+    # ------------------------------------------------------------------ runtime state
+
+    def _runtime_keys(self) -> tuple[str, ...]:
+        return (*super()._runtime_keys(), "_cache", "_executor", "_last_index", "_loads", "_warned_reread", "_layout")
+
+    def _init_runtime(self) -> None:
+        super()._init_runtime()
+        self._cache: OrderedDict[tuple[int, int], concurrent.futures.Future[_LoadedShard]] = OrderedDict()
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._last_index: int | None = None
+        self._loads: dict[tuple[int, int], int] = {}
+        self._warned_reread = False
+        self._layout: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="autobatch-shards")
+            # Stop the reader thread when the feed is garbage-collected, without waiting for it.
+            weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
+        return self._executor
+
+    def close(self) -> None:
+        """Drop the loaded shards and stop the background reader (a later batch restarts it)."""
+        with self._lock:
+            cache, self._cache = self._cache, OrderedDict()
+            executor, self._executor = self._executor, None
+        for future in cache.values():
+            future.cancel()
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+    # ------------------------------------------------------------------ epochs
+
+    @property
+    def n_samples(self) -> int:
+        return int(self._counts.sum())
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """The shard files, in numeric order."""
+        return tuple(s.path for s in self.shards)
+
+    def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """This epoch's file order and where each file starts in the epoch's row sequence."""
+        cached = self._layout
+        if cached is not None and cached[0] == epoch:
+            return cached[1], cached[2]
+        n_files = len(self.shards)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch, 0]).permutation(n_files)
+        else:
+            order = np.arange(n_files)
+        starts = np.concatenate([[0], np.cumsum(self._counts[order])])
+        self._layout = (epoch, order, starts)
+        return order, starts
+
+    @property
+    def resident_files(self) -> list[Path]:
+        """Shards held in memory or being read now, least recently used first (for diagnostics)."""
+        with self._lock:
+            keys = list(self._cache)
+        return [self.shards[file_index].path for _, file_index in keys]
+
+    def epoch_files(self) -> list[Path]:
+        """The shard files in the current epoch's order."""
+        order, _ = self._epoch_layout(self._epoch)
+        return [self.shards[k].path for k in order]
+
+    def on_epoch_end(self) -> None:
+        """Advance to the next epoch's shuffle and release this epoch's loaded shards.
+
+        Keras calls this after every epoch (and once as ``fit`` starts).
+        """
+        super().on_epoch_end()
+        with self._lock:
+            cache, self._cache = self._cache, OrderedDict()
+            self._last_index = None
+            self._loads.clear()
+        for future in cache.values():
+            future.cancel()
+
+    # ------------------------------------------------------------------ loading
+
+    def _load(self, file_index: int, epoch: int) -> _LoadedShard:
+        shard = self.shards[file_index]
+        frame = read_shard(shard.path, columns=list(self.shards[0].columns))
+        if len(frame) != shard.n_rows:
+            raise DataError(
+                f"shard {str(shard.path)!r} has {len(frame)} rows now, but {shard.n_rows} were counted when the feed "
+                "was made: the file changed (or pandas and pyarrow parse it differently). Re-create the feed."
+            )
+        targets = list(self._target_names())
+        y: pd.Series | pd.DataFrame | None = None
+        if targets:
+            y = frame[targets[0]] if isinstance(self.source.target, str) else frame[targets]
+        weights = None
+        if self.sample_weight is not None:
+            weights = frame[self.sample_weight].to_numpy(dtype=np.float32)
+        dropped = targets + ([self.sample_weight] if self.sample_weight is not None else [])
+        x = frame.drop(columns=dropped) if dropped else frame
+        order = None
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch, 1, file_index]).permutation(shard.n_rows)
+        logger.debug("loaded shard %s (%d rows) for epoch %d", shard.path, shard.n_rows, epoch)
+        return _LoadedShard(shard.path, x, y, weights, order)
+
+    def _fetch(
+        self, slots: range, prefetch: range, epoch: int, order: np.ndarray, *, sequential: bool
+    ) -> list[_LoadedShard]:
+        """The loaded shards at ``slots`` of the epoch's file order, loading ``prefetch`` slots in the background.
+
+        Read in order, a finished shard is released at once; read out of order,
+        up to ``read_ahead`` recently used shards stay, as the next batch may need them.
+        """
+        keys = [(epoch, int(order[s])) for s in slots]
+        ahead = [(epoch, int(order[s])) for s in prefetch]
+        with self._lock:
+            pool = self._pool()
+            rereads = []
+            for key in keys + ahead:
+                if key not in self._cache:
+                    if key in self._loads:
+                        rereads.append(key)
+                    self._loads[key] = self._loads.get(key, 0) + 1
+                    self._cache[key] = pool.submit(self._load, key[1], epoch)
+                self._cache.move_to_end(key)
+            # Keep what this batch needs and the read-ahead, plus one recent shard per extra worker (its
+            # neighbouring batch may still need it); evict the least recently used beyond that.
+            capacity = len(keys) + (len(ahead) if sequential else self.read_ahead) + max(self._workers, 1) - 1
+            protected = set(keys) | set(ahead)
+            for key in list(self._cache):
+                if len(self._cache) <= capacity:
+                    break
+                if key not in protected:
+                    self._cache.pop(key).cancel()
+            futures = [self._cache[key] for key in keys]
+            warn = bool(rereads) and not self._warned_reread
+            if warn:
+                self._warned_reread = True
+        if warn:
+            warnings.warn(
+                f"ShardFeed read shard {str(self.shards[rereads[0][1]].path)!r} twice in epoch {epoch}: batches are "
+                "requested out of order (Keras `fit` shuffles batch order unless shuffle=False), so files are re-read. "
+                "Pass shuffle=False to model.fit: the feed already shuffles files and rows every epoch.",
+                stacklevel=4,
+            )
+        loaded = []
+        for key, future in zip(keys, futures, strict=True):
+            try:
+                loaded.append(future.result())
+            except concurrent.futures.CancelledError:
+                loaded.append(self._load(key[1], epoch))  # evicted by a concurrent batch; read it here
+            except BaseException:
+                with self._lock:
+                    if self._cache.get(key) is future:
+                        del self._cache[key]  # a later request retries (and fails again, loudly)
+                raise
+        return loaded
+
+    def _rows(self, lo: int, hi: int, index: int) -> RawBatch:
+        epoch = self._epoch
+        order, starts = self._epoch_layout(epoch)
+        first = int(np.searchsorted(starts, lo, side="right")) - 1
+        last = int(np.searchsorted(starts, hi - 1, side="right")) - 1
+        with self._lock:
+            previous, self._last_index = self._last_index, index
+            if index == 0:
+                self._loads.clear()  # a new pass over the epoch reads every shard again, legitimately
+        # In-order reading (0, 1, 2, … also with a few concurrent workers) is worth reading ahead for.
+        sequential = index == 0 or (previous is not None and 0 < index - previous <= max(self._workers, 1))
+        ahead = range(last + 1, min(last + 1 + self.read_ahead, len(order))) if sequential else range(0)
+        loaded = self._fetch(range(first, last + 1), ahead, epoch, order, sequential=sequential)
+        xs, ys, ws = [], [], []
+        for slot, shard in zip(range(first, last + 1), loaded, strict=True):
+            a = max(lo, int(starts[slot])) - int(starts[slot])
+            b = min(hi, int(starts[slot + 1])) - int(starts[slot])
+            rows = shard.order[a:b] if shard.order is not None else slice(a, b)
+            xs.append(shard.x.iloc[rows])
+            ys.append(shard.y.iloc[rows] if shard.y is not None else None)
+            ws.append(shard.sample_weight[rows] if shard.sample_weight is not None else None)
+        names = ", ".join(repr(str(s.path)) for s in loaded)
+        where = f"from shard {names}" if len(loaded) == 1 else f"from shards {names}"
+        return RawBatch(_concat(xs), _concat(ys), _concat(ws), where)
+
+    # ------------------------------------------------------------------ splitting
+
+    def _derive(self, files: Sequence[Path], **overrides: Any) -> ShardFeed:
+        source = dataclasses.replace(self.source, files=tuple(files))
+        options = {**self._options(), **overrides}
+        return ShardFeed(
+            source,
+            sample_weight=self.sample_weight,
+            read_ahead=self.read_ahead,
+            index=self._index,
+            **options,
+        )
+
+    def split(self, validation_split: float, *, seed: int | None = None) -> tuple[ShardFeed, ShardFeed]:
+        """Hold out whole shards, about ``validation_split`` of the rows, as a validation feed.
+
+        Shards are drawn in a random order fixed by ``seed`` (default: the feed's)
+        and held out while that brings the held-out rows closer to the fraction;
+        at least one shard goes to each side. No file is in both feeds, so no
+        row leaks between them. The validation feed reads in file order and never shuffles.
+
+        Args:
+            validation_split: fraction of the rows to hold out, in (0, 1).
+            seed: seed of the draw.
+
+        Returns:
+            ``(train_feed, validation_feed)``.
+
+        Raises:
+            ConfigError: the fraction is out of range, or there is only one shard.
+        """
+        fraction = check_fraction(validation_split)
+        n_files = len(self.shards)
+        if n_files < 2:
+            raise ConfigError(
+                f"a streaming validation split holds out whole shards, so it needs at least 2; received 1 shard "
+                f"({str(self.shards[0].path)!r}). Write more, smaller shards or load the data in memory."
+            )
+        chosen = np.random.default_rng([self.seed if seed is None else seed, 1]).permutation(n_files)
+        target_rows = fraction * self.n_samples
+        held = np.cumsum(self._counts[chosen])
+        # Number of held-out shards whose rows come closest to the target, leaving both sides non-empty.
+        k = 1 + int(np.argmin(np.abs(held[: n_files - 1] - target_rows)))
+        val_set = set(chosen[:k].tolist())
+        val_files = [s.path for i, s in enumerate(self.shards) if i in val_set]
+        train_files = [s.path for i, s in enumerate(self.shards) if i not in val_set]
+        val_rows = int(held[k - 1])
+        logger.info(
+            "validation split: %d shard(s) (%d rows, %.1f%%) held out of %d",
+            k,
+            val_rows,
+            100 * val_rows / self.n_samples,
+            n_files,
+        )
+        return self._derive(train_files), self._derive(val_files, shuffle=False, drop_remainder=False)
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", shards={len(self.shards)}, read_ahead={self.read_ahead})"

@@ -1,0 +1,242 @@
+"""Pad variable-length sequences per batch: to the batch max, a fixed length, or a length bucket.
+
+Every new padded shape makes TensorFlow retrace the training function and
+fragments memory, so padding to a *bucket* (the next power of two, or the next
+multiple of 64) bounds the number of distinct shapes while wasting little.
+
+The semantics follow ``keras.utils.pad_sequences`` where they overlap
+(``maxlen``, ``truncating``, ``padding``, ``value``, ``dtype``), except that
+``padding`` defaults to ``"post"`` as most sequence models expect. The work is
+vectorised: all sequences are concatenated once and scattered into a
+preallocated array with a boolean mask, with no Python loop over elements.
+
+Padding is consistent with the probe when the same function pads both: the
+probe's worst-case batch holds the longest rows, so padding it to the batch max
+(or bucket) gives the largest shape any real batch of that size can have.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from autobatch.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+Bucket = Literal["pow2"] | int
+
+
+def bucket_length(length: int, bucket: Bucket | None) -> int:
+    """Round a sequence length up to its bucket.
+
+    Args:
+        length: the longest sequence (after any truncation).
+        bucket: ``None`` (no rounding), ``"pow2"`` (next power of two) or a
+            positive int (next multiple of it). A length of 0 rounds to the
+            smallest bucket (1 or the multiple), so a batch never has an empty time axis.
+
+    Returns:
+        The padded length.
+
+    Raises:
+        ConfigError: ``bucket`` is neither ``"pow2"`` nor a positive int.
+    """
+    if bucket is None:
+        return length
+    if bucket == "pow2":
+        return 1 << max(int(length) - 1, 0).bit_length()
+    if isinstance(bucket, (int, np.integer)) and not isinstance(bucket, bool) and bucket >= 1:
+        return max(-(-int(length) // int(bucket)), 1) * int(bucket)
+    raise ConfigError(f'`bucket` must be "pow2" or a positive int (a multiple such as 64). Received: bucket={bucket!r}')
+
+
+def _flatten(sequences: Any, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """All values end to end, and each sequence's length.
+
+    Fast path: one ``len`` per sequence and one ``np.concatenate``, both in C.
+    Strings of whitespace-separated numbers (as CSV shards hold) are split first;
+    anything ``np.concatenate`` refuses is examined sequence by sequence to say which one is wrong.
+    """
+    if isinstance(sequences, pd.Series):
+        sequences = sequences.to_numpy()
+    if isinstance(sequences, np.ndarray) and sequences.dtype != object:
+        if sequences.ndim < 2:
+            raise DataError(
+                "`sequences` must hold one sequence per row (a 2-D or larger array, or a list of sequences). "
+                f"Received: an array of shape {sequences.shape}"
+            )
+        lengths = np.full(len(sequences), sequences.shape[1], dtype=np.int64)
+        return sequences.reshape((-1,) + sequences.shape[2:]).astype(dtype, copy=False), lengths
+    sequences = list(sequences)
+    if not sequences:
+        return np.zeros(0, dtype=dtype), np.zeros(0, dtype=np.int64)
+    if any(isinstance(seq, str) for seq in sequences):
+        sequences = [seq.split() if isinstance(seq, str) else seq for seq in sequences]
+        if all(isinstance(seq, list) for seq in sequences):
+            # One conversion of all tokens: numpy parses numeric strings far faster per call than per sequence.
+            lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
+            try:
+                return np.array(list(itertools.chain.from_iterable(sequences)), dtype=dtype), lengths
+            except ValueError as exc:
+                raise DataError(f"cannot parse the sequences as {dtype} numbers: {exc}") from exc
+    try:
+        lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
+        flat = np.concatenate(sequences, axis=0, dtype=dtype, casting="unsafe")
+        if flat.ndim >= 1 and len(flat) == lengths.sum():
+            return flat, lengths
+    except (TypeError, ValueError):
+        pass
+    arrays = []
+    for i, seq in enumerate(sequences):
+        array = np.asarray(seq, dtype=dtype)
+        if array.ndim == 0:
+            raise DataError(f"sequence {i} is a scalar ({seq!r}); expected a list, an array or a string of numbers.")
+        arrays.append(array)
+    feature_shape = next((a.shape[1:] for a in arrays if len(a)), arrays[0].shape[1:])
+    for i, array in enumerate(arrays):
+        if len(array) and array.shape[1:] != feature_shape:
+            raise DataError(
+                f"sequence {i} has feature shape {array.shape[1:]}, but the first non-empty sequence has "
+                f"{feature_shape}; every sequence must share its trailing axes."
+            )
+    lengths = np.array([len(a) for a in arrays], dtype=np.int64)
+    return np.concatenate([a.reshape((len(a),) + feature_shape) for a in arrays]), lengths
+
+
+def pad_sequences_batch(
+    sequences: Sequence[Any] | np.ndarray | pd.Series,
+    *,
+    maxlen: int | None = None,
+    bucket: Bucket | None = None,
+    dtype: str | np.dtype = "float32",
+    value: float = 0.0,
+    truncating: Literal["pre", "post"] = "pre",
+    padding: Literal["pre", "post"] = "post",
+) -> np.ndarray:
+    """Pad one batch of variable-length sequences into a rectangular array.
+
+    The padded length is, as with ``keras.utils.pad_sequences``, ``maxlen`` when
+    given, else the longest sequence in the batch. With ``bucket``, it is the
+    longest sequence rounded up to the bucket, and ``maxlen`` only caps it.
+    Sequences longer than that are truncated as ``keras.utils.pad_sequences``
+    does: ``truncating="pre"`` drops values from the start, ``"post"`` from the end.
+
+    Args:
+        sequences: a list/array/Series of sequences (lists, arrays, or strings of
+            whitespace-separated numbers); each may have trailing feature axes,
+            which must agree.
+        maxlen: the padded length (with ``bucket``: the largest one); longer
+            sequences are truncated.
+        bucket: ``"pow2"`` or an int multiple to round the batch's longest
+            sequence up to, so few distinct shapes reach the model.
+        dtype: dtype of the result.
+        value: the padding value.
+        truncating: which end of a too-long sequence is dropped.
+        padding: which end the padding goes at (``"post"``: after the values).
+
+    Returns:
+        An array of shape ``(len(sequences), length) + feature_shape``.
+
+    Raises:
+        ConfigError: an option is out of range.
+        DataError: a sequence is a scalar or its feature shape differs from the others.
+
+    Example:
+        >>> pad_sequences_batch([[1, 2, 3], [4]], bucket=4)
+        array([[1., 2., 3., 0.],
+               [4., 0., 0., 0.]], dtype=float32)
+    """
+    if truncating not in ("pre", "post"):
+        raise ConfigError(f'`truncating` must be "pre" or "post". Received: truncating={truncating!r}')
+    if padding not in ("pre", "post"):
+        raise ConfigError(f'`padding` must be "pre" or "post". Received: padding={padding!r}')
+    if maxlen is not None and (not isinstance(maxlen, (int, np.integer)) or maxlen < 0):
+        raise ConfigError(f"`maxlen` must be a non-negative int or None. Received: maxlen={maxlen!r}")
+    if bucket is not None:
+        bucket_length(1, bucket)  # validates
+    dtype = np.dtype(dtype)
+    flat, lengths = _flatten(sequences, dtype)
+    n = len(lengths)
+    feature_shape = flat.shape[1:]
+    longest = int(lengths.max()) if n else 0
+    if bucket is None:
+        length = longest if maxlen is None else int(maxlen)
+    else:
+        length = bucket_length(longest if maxlen is None else min(longest, int(maxlen)), bucket)
+        length = length if maxlen is None else min(length, int(maxlen))
+    out = np.full((n, length) + feature_shape, value, dtype=dtype)
+    if n == 0 or length == 0 or not lengths.any():
+        return out
+    kept = np.minimum(lengths, length)
+    if (lengths > length).any():
+        # Position of every value inside its own sequence, to drop the truncated ones in one mask.
+        starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        position = np.arange(len(flat)) - starts
+        own_length = np.repeat(lengths, lengths)
+        keep = position < length if truncating == "post" else position >= own_length - length
+        flat = flat[keep]
+    columns = np.arange(length)
+    if padding == "post":
+        mask = columns[None, :] < kept[:, None]
+    else:
+        mask = columns[None, :] >= (length - kept)[:, None]
+    # A boolean mask fills in row-major order: row by row, each row's values in sequence order.
+    out[mask] = flat
+    return out
+
+
+def pad_columns(
+    frame: pd.DataFrame | Mapping[str, Any],
+    columns: Sequence[str],
+    *,
+    maxlen: int | Mapping[str, int] | None = None,
+    bucket: Bucket | None = None,
+    dtype: str | np.dtype = "float32",
+    value: float = 0.0,
+    truncating: Literal["pre", "post"] = "pre",
+    padding: Literal["pre", "post"] = "post",
+    add_feature_axis: bool = False,
+) -> dict[str, np.ndarray]:
+    """Pad named sequence columns of a batch, each to its own length, into a dict of arrays.
+
+    Args:
+        frame: a DataFrame batch (or a dict of columns).
+        columns: the sequence columns to pad; the dict keys of the result, in this order.
+        maxlen: one cap for all columns, or a per-column mapping.
+        bucket: ``"pow2"`` or an int multiple (see :func:`pad_sequences_batch`).
+        dtype: dtype of the results.
+        value: the padding value.
+        truncating: which end of a too-long sequence is dropped.
+        padding: which end the padding goes at.
+        add_feature_axis: append an axis of size 1, for models whose inputs are
+            ``(None, 1)`` sequences of scalars.
+
+    Returns:
+        ``{column: padded array}``.
+
+    Raises:
+        DataError: a named column is missing.
+
+    Example:
+        >>> def preprocess(batch_x, batch_y):
+        ...     inputs = pad_columns(batch_x, ["in1", "in2"], bucket=64, add_feature_axis=True)
+        ...     return inputs, batch_y.to_numpy("float32")
+    """
+    available = list(frame.columns) if isinstance(frame, pd.DataFrame) else list(frame)
+    missing = [c for c in columns if c not in available]
+    if missing:
+        raise DataError(f"cannot pad column(s) {missing}: not in the batch, whose columns are {available}.")
+    out = {}
+    for name in columns:
+        cap = maxlen.get(name) if isinstance(maxlen, Mapping) else maxlen
+        padded = pad_sequences_batch(
+            frame[name], maxlen=cap, bucket=bucket, dtype=dtype, value=value, truncating=truncating, padding=padding
+        )
+        out[name] = padded[..., None] if add_feature_axis else padded
+    return out

@@ -1,0 +1,709 @@
+"""Feeds: exactly-once epochs, shuffling, validation splits, streaming memory, bad input, tf.data, Keras fit."""
+
+from __future__ import annotations
+
+import ast
+import concurrent.futures
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from autobatch._memory import Budget
+from autobatch.errors import AutobatchError, ConfigError, DataError, PreprocessError
+from autobatch.feeds import InMemoryFeed, ShardFeed, ShardIndex, make_feed
+from autobatch.padding import pad_columns
+from autobatch.plan import Plan, make_plan
+from autobatch.probe import ProbeResult, TensorSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import canonical  # noqa: E402
+
+SIZES = (13, 1, 40, 7, 39)  # uneven shard sizes, 100 rows
+
+
+def table(n: int = 100, *, seed: int = 0) -> pd.DataFrame:
+    """``id`` (0..n-1), two float features and a binary label."""
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame(
+        {
+            "id": np.arange(n, dtype=np.int64),
+            "a": rng.standard_normal(n).astype(np.float32),
+            "b": rng.standard_normal(n).astype(np.float32),
+            "label": rng.integers(0, 2, n).astype(np.int64),
+        }
+    )
+
+
+def write_shards(frame: pd.DataFrame, folder: Path, sizes: tuple[int, ...], fmt: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    bounds = np.cumsum((0, *sizes))
+    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        part = frame.iloc[lo:hi]
+        if fmt == "csv":
+            part.to_csv(folder / f"{i}.csv", index=False)
+        else:
+            part.to_parquet(folder / f"{i}.parquet", index=False)
+    return folder
+
+
+def epoch_ids(feed) -> list[np.ndarray]:
+    """The ids of each batch of one epoch, then advance the epoch as Keras does."""
+    batches = [np.asarray(feed[i][0]["id"]) for i in range(len(feed))]
+    feed.on_epoch_end()
+    return batches
+
+
+def assert_exactly_once(batches: list[np.ndarray], ids: np.ndarray) -> None:
+    seen = np.concatenate(batches)
+    assert len(seen) == len(ids), f"{len(seen)} rows served, expected {len(ids)}"
+    np.testing.assert_array_equal(np.sort(seen), np.sort(ids))
+
+
+# --------------------------------------------------------------------------- in memory
+
+
+@pytest.mark.parametrize("batch_size", [10, 7, 100, 150])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_in_memory_serves_every_sample_once_per_epoch(batch_size: int, shuffle: bool) -> None:
+    frame = table(100)
+    feed = InMemoryFeed(frame, "label", batch_size=batch_size, shuffle=shuffle, seed=3)
+    assert len(feed) == math.ceil(100 / batch_size)
+    first, second = epoch_ids(feed), epoch_ids(feed)
+    for batches in (first, second):
+        assert_exactly_once(batches, frame["id"].to_numpy())
+        assert all(len(b) == batch_size for b in batches[:-1])
+    if shuffle:
+        assert not np.array_equal(np.concatenate(first), np.concatenate(second)), "epochs must reshuffle"
+        again = InMemoryFeed(frame, "label", batch_size=batch_size, shuffle=True, seed=3)
+        np.testing.assert_array_equal(np.concatenate(epoch_ids(again)), np.concatenate(first))  # seeded
+    else:
+        np.testing.assert_array_equal(np.concatenate(first), np.arange(100))
+
+
+def test_in_memory_targets_follow_their_rows() -> None:
+    frame = table(50)
+    feed = InMemoryFeed(frame, "label", batch_size=8, seed=1)
+    for i in range(len(feed)):
+        x, y = feed[i]
+        np.testing.assert_array_equal(y, frame["label"].to_numpy()[x["id"]])
+        np.testing.assert_array_equal(x["a"], frame["a"].to_numpy()[x["id"]])
+        assert "label" not in x
+
+
+def test_in_memory_drop_remainder_drops_a_different_tail_each_epoch() -> None:
+    feed = InMemoryFeed(table(100), "label", batch_size=30, drop_remainder=True, seed=0)
+    assert len(feed) == 3
+    first, second = np.concatenate(epoch_ids(feed)), np.concatenate(epoch_ids(feed))
+    assert len(first) == len(set(first.tolist())) == 90
+    assert set(first.tolist()) != set(second.tolist())
+    with pytest.raises(ConfigError, match="drop_remainder=True with batch_size=200"):
+        InMemoryFeed(table(100), "label", batch_size=200, drop_remainder=True)
+
+
+def test_in_memory_dicts_of_arrays_pass_through_untouched() -> None:
+    rng = np.random.default_rng(0)
+    x = {"in1": rng.standard_normal((20, 4)), "in2": np.arange(20)}
+    y = {"out": np.arange(20) * 2.0}
+    feed = InMemoryFeed(x, y, batch_size=6, shuffle=False)
+    inputs, targets = feed[1]
+    assert set(inputs) == {"in1", "in2"} and set(targets) == {"out"}
+    np.testing.assert_array_equal(inputs["in1"], x["in1"][6:12])
+    np.testing.assert_array_equal(inputs["in2"], np.arange(6, 12))
+    np.testing.assert_array_equal(targets["out"], np.arange(6, 12) * 2.0)
+    inputs, targets = feed[-1]  # the last, smaller batch
+    np.testing.assert_array_equal(inputs["in2"], [18, 19])
+    with pytest.raises(IndexError):
+        feed[len(feed)]
+
+
+def test_in_memory_tuple_inputs_and_no_targets() -> None:
+    x = (np.arange(10.0), np.arange(10.0) * 3)
+    (inputs,) = InMemoryFeed(x, batch_size=4, shuffle=False)[2]
+    np.testing.assert_array_equal(inputs[0], [8.0, 9.0])
+    np.testing.assert_array_equal(inputs[1], [24.0, 27.0])
+
+
+def test_in_memory_sample_weights_align_with_rows() -> None:
+    frame = table(40).assign(w=lambda f: f["id"] * 0.5)
+    for weights in ("w", frame["w"].to_numpy()):
+        source = frame if isinstance(weights, str) else frame.drop(columns=["w"])
+        feed = InMemoryFeed(source, "label", batch_size=7, sample_weight=weights, seed=2)
+        for i in range(len(feed)):
+            x, _, w = feed[i]
+            assert "w" not in x
+            np.testing.assert_allclose(w, x["id"] * 0.5)
+    with pytest.raises(DataError, match=r"expected shape \(40,\), received \(39,\)"):
+        InMemoryFeed(table(40), "label", batch_size=7, sample_weight=np.ones(39))
+
+
+def test_in_memory_validation_split_is_disjoint_complete_and_seeded() -> None:
+    frame = table(100)
+    train, val = InMemoryFeed(frame, "label", batch_size=16, seed=0).split(0.2, seed=5)
+    train_ids, val_ids = np.concatenate(epoch_ids(train)), np.concatenate(epoch_ids(val))
+    assert len(val_ids) == 20 and len(train_ids) == 80
+    assert not set(train_ids.tolist()) & set(val_ids.tolist())
+    assert_exactly_once([train_ids, val_ids], frame["id"].to_numpy())
+    assert np.all(np.diff(val_ids) > 0), "the validation feed does not shuffle"
+    assert len(train) == 5 and len(val) == 2
+    _, same = InMemoryFeed(frame, "label", batch_size=16).split(0.2, seed=5)
+    _, other = InMemoryFeed(frame, "label", batch_size=16).split(0.2, seed=6)
+    assert set(np.concatenate(epoch_ids(same)).tolist()) == set(val_ids.tolist())
+    assert set(np.concatenate(epoch_ids(other)).tolist()) != set(val_ids.tolist())
+    with pytest.raises(ConfigError, match="validation_split"):
+        InMemoryFeed(frame, "label", batch_size=16).split(1.0)
+    with pytest.raises(ConfigError, match="both need at least one"):
+        InMemoryFeed(table(3), "label", batch_size=2).split(0.1)
+
+
+# --------------------------------------------------------------------------- shards
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("batch_size", [10, 7, 1000])
+def test_shards_serve_every_row_once_per_epoch(tmp_path: Path, fmt: str, shuffle: bool, batch_size: int) -> None:
+    frame = table(100)
+    folder = write_shards(frame, tmp_path / fmt, SIZES, fmt)
+    feed = ShardFeed(folder, "label", batch_size=batch_size, shuffle=shuffle, seed=4)
+    assert len(feed) == math.ceil(100 / batch_size)
+    first, second = epoch_ids(feed), epoch_ids(feed)
+    for batches in (first, second):
+        assert_exactly_once(batches, frame["id"].to_numpy())
+        assert all(len(b) == batch_size for b in batches[:-1]), "batches run across file boundaries"
+    if shuffle and batch_size < 100:
+        assert not np.array_equal(np.concatenate(first), np.concatenate(second))
+    if not shuffle:
+        np.testing.assert_array_equal(np.concatenate(first), np.arange(100))
+
+
+def test_shard_batches_are_cut_across_files_in_numeric_order(tmp_path: Path) -> None:
+    frame = table(120)
+    folder = write_shards(frame, tmp_path / "csv", (10,) * 12, "csv")  # 0.csv … 11.csv: 10 sorts after 9
+    feed = ShardFeed(folder, "label", batch_size=25, shuffle=False)
+    assert [p.name for p in feed.epoch_files()] == [f"{i}.csv" for i in range(12)]
+    x, y = feed[0]
+    np.testing.assert_array_equal(x["id"], np.arange(25))  # rows of 0.csv, 1.csv and half of 2.csv
+    np.testing.assert_array_equal(y, frame["label"].to_numpy()[:25])
+    assert feed.n_samples == 120 and len(feed) == 5
+
+
+def test_shard_shuffle_changes_file_order_and_rows_within_files(tmp_path: Path) -> None:
+    folder = write_shards(table(100), tmp_path / "pq", (20,) * 5, "parquet")
+    feed = ShardFeed(folder, "label", batch_size=20, seed=0)
+    orders, batches = [], []
+    for _ in range(4):
+        orders.append([p.name for p in feed.epoch_files()])
+        batches.append(epoch_ids(feed))
+    assert len({tuple(o) for o in orders}) > 1, "file order changes between epochs"
+    # With batches of one file's size the first batch holds exactly the rows of the epoch's first file, shuffled.
+    first_file = int(orders[0][0].split(".")[0])
+    assert set(batches[0][0].tolist()) == set(range(first_file * 20, first_file * 20 + 20))
+    assert not np.array_equal(batches[0][0], np.sort(batches[0][0]))
+
+
+def test_shard_random_access_matches_sequential_and_warns_about_rereads(tmp_path: Path) -> None:
+    folder = write_shards(table(100), tmp_path / "pq", SIZES, "parquet")
+    sequential = ShardFeed(folder, "label", batch_size=6, seed=9)
+    expected = [sequential[i][0]["id"] for i in range(len(sequential))]
+    scattered = ShardFeed(folder, "label", batch_size=6, seed=9)
+    order = np.random.default_rng(0).permutation(len(scattered))
+    with pytest.warns(UserWarning, match="shuffle=False"):
+        got = {int(i): scattered[int(i)][0]["id"] for i in order}
+    for i, ids in enumerate(expected):
+        np.testing.assert_array_equal(got[i], ids)
+
+
+def test_shard_feed_is_safe_to_read_from_several_threads(tmp_path: Path) -> None:
+    # Keras' enqueuer (workers > 1) fetches neighbouring batches from a thread pool.
+    folder = write_shards(table(100), tmp_path / "pq", SIZES, "parquet")
+    expected = [ShardFeed(folder, "label", batch_size=3, seed=1)[i][0]["id"] for i in range(34)]
+    feed = ShardFeed(folder, "label", batch_size=3, seed=1, workers=4)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: feed[i][0]["id"], range(len(feed))))
+    for ids, want in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(ids, want)
+    assert_exactly_once(got, np.arange(100))
+
+
+def preprocess_as_float(batch_x: pd.DataFrame, batch_y: pd.Series):
+    return {"id": batch_x["id"].to_numpy(), "a": batch_x["a"].to_numpy("float64")}, batch_y.to_numpy("float32")
+
+
+def test_feeds_pickle_for_multiprocessing_workers(tmp_path: Path) -> None:
+    folder = write_shards(table(100), tmp_path / "csv", SIZES, "csv")
+    for feed in (
+        ShardFeed(folder, "label", batch_size=9, preprocess=preprocess_as_float, seed=2),
+        InMemoryFeed(table(100), "label", batch_size=9, preprocess=preprocess_as_float, seed=2),
+    ):
+        feed[0]  # start the reader thread and fill the caches first
+        feed.on_epoch_end()
+        copy = pickle.loads(pickle.dumps(feed))
+        assert copy.epoch == 1
+        for i in range(len(feed)):
+            np.testing.assert_array_equal(copy[i][0]["id"], feed[i][0]["id"])
+
+
+def test_shard_feed_keeps_current_file_plus_read_ahead_resident(tmp_path: Path) -> None:
+    folder = write_shards(table(100), tmp_path / "pq", (20,) * 5, "parquet")
+    feed = ShardFeed(folder, "label", batch_size=10, shuffle=False, read_ahead=1)
+    names = lambda: [p.name for p in feed.resident_files]  # noqa: E731
+    feed[0]
+    assert names() == ["0.parquet", "1.parquet"], "the next file is read ahead"
+    peak = 0
+    for i in range(1, len(feed)):
+        feed[i]
+        peak = max(peak, len(feed.resident_files))
+        assert f"{i * 10 // 20}.parquet" in names()
+    assert peak <= 2
+    assert names() == ["4.parquet"]
+    feed.on_epoch_end()
+    assert names() == [], "nothing stays loaded between epochs"
+    feed.close()
+
+
+def test_shards_without_a_target_column_let_preprocess_build_targets(tmp_path: Path) -> None:
+    folder = write_shards(table(100), tmp_path / "csv", SIZES, "csv")
+
+    def preprocess(batch_x: pd.DataFrame, batch_y: None):
+        assert batch_y is None
+        return {"id": batch_x["id"].to_numpy()}, (batch_x["a"] > 0).to_numpy("float32")
+
+    feed = ShardFeed(folder, batch_size=16, preprocess=preprocess, seed=0)
+    x, y = feed[2]
+    frame = table(100)
+    np.testing.assert_array_equal(y, (frame["a"].to_numpy()[x["id"]] > 0).astype(np.float32))
+    (inputs,) = ShardFeed(folder, batch_size=16, shuffle=False)[0]  # no targets at all: (inputs,)
+    assert set(inputs) == {"id", "a", "b", "label"}
+
+
+def test_csv_row_counts_are_cached_by_path_size_and_mtime(tmp_path: Path) -> None:
+    folder = write_shards(table(30), tmp_path / "csv", (10, 20), "csv")
+    index = ShardIndex()
+    first = index.info(folder / "1.csv")
+    assert first.n_rows == 20 and first.columns == ("id", "a", "b", "label")
+    assert index.info(folder / "1.csv") is first, "a second lookup reuses the count"
+    with open(folder / "1.csv", "a") as fh:
+        fh.write("999,0.5,0.5,1\n")
+    os.utime(folder / "1.csv", ns=(time.time_ns(), first.mtime_ns + 1_000_000))
+    assert index.info(folder / "1.csv").n_rows == 21, "a changed file is counted again"
+    train, val = ShardFeed(folder, "label", batch_size=4, index=index).split(0.3)
+    assert train.n_samples + val.n_samples == 31
+
+
+def test_shard_validation_split_holds_out_whole_shards(tmp_path: Path) -> None:
+    frame = table(120)
+    folder = write_shards(frame, tmp_path / "csv", (10,) * 12, "csv")
+    train, val = ShardFeed(folder, "label", batch_size=7, seed=0).split(0.25, seed=2)
+    assert not set(train.files) & set(val.files)
+    assert set(train.files) | set(val.files) == set(ShardFeed(folder, "label", batch_size=7).files)
+    assert len(val.files) == 3 and val.n_samples == 30
+    train_ids, val_ids = np.concatenate(epoch_ids(train)), np.concatenate(epoch_ids(val))
+    assert_exactly_once([train_ids, val_ids], frame["id"].to_numpy())
+    assert np.all(np.diff(val_ids) > 0), "the validation feed reads in order"
+    _, again = ShardFeed(folder, "label", batch_size=7).split(0.25, seed=2)
+    assert again.files == val.files
+    with pytest.raises(ConfigError, match="at least 2"):
+        ShardFeed(folder / "0.csv", "label", batch_size=7).split(0.2)
+
+
+def test_canonical_csv_and_parquet_shards_give_the_same_rows(tmp_path: Path) -> None:
+    frame = canonical.make_frame(120, seed=3, max_len=64).assign(id=np.arange(120))
+    canonical.write_shards(frame, tmp_path, shards=4)
+
+    def preprocess(batch_x: pd.DataFrame, batch_y: pd.Series):
+        inputs = pad_columns(batch_x, ["in1", "in2"], add_feature_axis=True)
+        inputs["id"] = batch_x["id"].to_numpy()
+        return inputs, batch_y.to_numpy("float32")
+
+    from_csv = ShardFeed(tmp_path / "csv", "label", batch_size=32, preprocess=preprocess, shuffle=False)
+    from_parquet = ShardFeed(tmp_path / "parquet", "label", batch_size=32, preprocess=preprocess, shuffle=False)
+    for i in range(len(from_csv)):
+        (a, ya), (b, yb) = from_csv[i], from_parquet[i]
+        np.testing.assert_array_equal(a["id"], b["id"])
+        np.testing.assert_allclose(a["in1"], b["in1"], rtol=1e-4, atol=1e-5)  # CSV keeps 5 significant digits
+        np.testing.assert_array_equal(ya, yb)
+
+
+# --------------------------------------------------------------------------- streaming memory
+
+_MEMORY_CHILD = """
+import json, sys
+from autobatch.feeds import ShardFeed
+
+feed = ShardFeed(sys.argv[1], "label", batch_size=4096, shuffle=True, seed=0)
+rows = 0
+for i in range(len(feed)):
+    rows += len(feed[i][1])
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps({"rows": rows, "peak_rss_bytes": peak}))
+"""
+
+
+def _peak_rss_of_one_epoch(*specs: str) -> list[dict[str, int]]:
+    """Each spec streamed for one epoch in its own fresh process (run side by side), with that process's VmHWM."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", _MEMORY_CHILD, spec],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for spec in specs
+    ]
+    results = []
+    for child in children:
+        stdout, stderr = child.communicate(timeout=300)
+        assert child.returncode == 0, stderr[-3000:]
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    return results
+
+
+def test_streaming_peak_memory_does_not_grow_with_the_number_of_shards(tmp_path: Path) -> None:
+    rows_per_shard, columns = 20_000, 40
+    rng = np.random.default_rng(0)
+    shard_bytes = 0
+    for i in range(40):
+        frame = pd.DataFrame(rng.standard_normal((rows_per_shard, columns)), columns=[f"f{j}" for j in range(columns)])
+        frame["label"] = rng.integers(0, 2, rows_per_shard)
+        shard_bytes = int(frame.memory_usage(index=True).sum())
+        frame.to_parquet(tmp_path / f"{i}.parquet", index=False)
+    one, ten = _peak_rss_of_one_epoch(str(tmp_path / "[0-3].parquet"), str(tmp_path))  # 4 and 40 shards
+    assert one["rows"] == 4 * rows_per_shard and ten["rows"] == 40 * rows_per_shard
+    allowed = one["peak_rss_bytes"] * 1.10 + 16 * 2**20
+    # The bound must be able to fail: holding all 40 shards would exceed it several times over.
+    assert 40 * shard_bytes > 2 * (allowed - one["peak_rss_bytes"])
+    mib = {name: r["peak_rss_bytes"] / 2**20 for name, r in (("one", one), ("ten", ten))}
+    print(f"peak RSS: 4 shards {mib['one']:.0f} MiB, 40 shards {mib['ten']:.0f} MiB")
+    assert ten["peak_rss_bytes"] <= allowed, (one, ten)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_missing_directory_and_no_matching_files(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist") as missing:
+        ShardFeed(tmp_path / "nope", "label", batch_size=4)
+    assert str(tmp_path / "nope") in str(missing.value)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not a shard")
+    with pytest.raises(DataError, match="holds no shard files"):
+        ShardFeed(tmp_path / "empty", "label", batch_size=4)
+    with pytest.raises(DataError, match="matches no files"):
+        ShardFeed(str(tmp_path / "*.parquet"), "label", batch_size=4)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"", "empty \\(zero-byte\\) file"),
+        (b"id,a,b,label\n", "has a header but no rows"),
+        (b"id,a,b,label\n1,0.5,0.5,1\n2,0.5,0.5,1,7\n", "line 3"),
+    ],
+    ids=["zero-byte", "header-only", "ragged-row"],
+)
+def test_bad_csv_shard_is_named(tmp_path: Path, content: bytes, expected: str) -> None:
+    folder = write_shards(table(20), tmp_path / "csv", (10, 10), "csv")
+    (folder / "2.csv").write_bytes(content)
+    with pytest.raises(DataError, match=expected) as excinfo:
+        ShardFeed(folder, "label", batch_size=4)
+    assert "2.csv" in str(excinfo.value)
+
+
+def test_corrupt_parquet_shard_is_named(tmp_path: Path) -> None:
+    folder = write_shards(table(20), tmp_path / "pq", (10, 10), "parquet")
+    (folder / "1.parquet").write_bytes(b"PAR1 this is not really parquet")
+    with pytest.raises(DataError, match="cannot read shard") as excinfo:
+        ShardFeed(folder, "label", batch_size=4)
+    assert "1.parquet" in str(excinfo.value)
+
+
+def test_shard_with_other_columns_is_named(tmp_path: Path) -> None:
+    folder = write_shards(table(30), tmp_path / "csv", (10, 10, 10), "csv")
+    table(10).rename(columns={"b": "c"}).to_csv(folder / "2.csv", index=False)
+    with pytest.raises(DataError, match=r"missing: \['b'\], unexpected: \['c'\]") as excinfo:
+        ShardFeed(folder, "label", batch_size=4)
+    assert "2.csv" in str(excinfo.value)
+
+
+def test_missing_target_column(tmp_path: Path) -> None:
+    folder = write_shards(table(20), tmp_path / "csv", (10, 10), "csv")
+    with pytest.raises(DataError, match=r"\['target'\] not found in shard") as excinfo:
+        ShardFeed(folder, "target", batch_size=4)
+    assert "0.csv" in str(excinfo.value)
+    with pytest.raises(DataError, match="not found"):
+        InMemoryFeed(table(20), "target", batch_size=4)
+
+
+def test_shard_changed_after_counting_is_reported_not_skipped(tmp_path: Path) -> None:
+    folder = write_shards(table(20), tmp_path / "csv", (10, 10), "csv")
+    feed = ShardFeed(folder, "label", batch_size=5, shuffle=False)
+    table(4).to_csv(folder / "1.csv", index=False)
+    assert len(feed[0][0]["id"]) == 5
+    with pytest.raises(DataError, match="4 rows now, but 10 were counted") as excinfo:
+        for i in range(len(feed)):
+            feed[i]
+    assert "1.csv" in str(excinfo.value)
+
+
+def _drifting(kind: str):
+    def preprocess(batch_x: pd.DataFrame, batch_y: pd.Series):
+        inputs = {"a": batch_x["a"].to_numpy(np.float32)}
+        if batch_x["id"].max() >= 50:  # the later batches drift
+            if kind == "keys":
+                inputs["extra"] = batch_x["b"].to_numpy(np.float32)
+            else:
+                inputs["a"] = inputs["a"].astype(np.float64)
+        return inputs, batch_y.to_numpy()
+
+    return preprocess
+
+
+@pytest.mark.parametrize("kind", ["keys", "dtype"])
+def test_preprocess_drift_names_the_batch(tmp_path: Path, kind: str) -> None:
+    folder = write_shards(table(100), tmp_path / "csv", SIZES, "csv")
+    in_memory = InMemoryFeed(table(100), "label", batch_size=10, shuffle=False, preprocess=_drifting(kind))
+    streamed = ShardFeed(folder, "label", batch_size=10, shuffle=False, preprocess=_drifting(kind))
+    for feed in (in_memory, streamed):
+        for i in range(5):
+            feed[i]
+        with pytest.raises(PreprocessError, match="extra" if kind == "keys" else "float64") as excinfo:
+            feed[5]
+        assert "batch 5 (rows 50-59" in str(excinfo.value)
+        assert "as on batch 0" in str(excinfo.value)
+    message = str(excinfo.value)  # rows 50-59 span 2.csv (rows 14-53) and 3.csv (rows 54-60)
+    assert "from shards" in message and "2.csv" in message and "3.csv" in message
+
+
+def test_preprocess_that_raises_or_drops_rows_names_the_batch(tmp_path: Path) -> None:
+    def broken(batch_x, batch_y):
+        raise KeyError("in3")
+
+    with pytest.raises(PreprocessError, match=r"KeyError.*batch 0 \(rows 0-9") as excinfo:
+        InMemoryFeed(table(20), "label", batch_size=10, preprocess=broken)[0]
+    assert isinstance(excinfo.value.__cause__, KeyError)
+    with pytest.raises(PreprocessError, match="expected 10 rows for x/a"):
+        InMemoryFeed(table(20), "label", batch_size=10, preprocess=lambda x, y: ({"a": x["a"][:3]}, y))[0]
+
+
+def test_make_feed_rejects_unknown_data() -> None:
+    with pytest.raises(DataError, match=r"Unrecognized data type: x=42 \(of type <class 'int'>\)"):
+        make_feed(42, batch_size=4)
+    with pytest.raises(ValueError, match="Unrecognized data type"):
+        make_feed({1, 2, 3}, batch_size=4)
+    assert issubclass(DataError, AutobatchError)
+
+
+def test_make_feed_dispatches_on_data_and_strategy(tmp_path: Path) -> None:
+    frame = table(100)
+    folder = write_shards(frame, tmp_path / "pq", SIZES, "parquet")
+    assert isinstance(make_feed(frame, "label", batch_size=8), InMemoryFeed)
+    assert isinstance(make_feed(folder, "label", batch_size=8), ShardFeed)
+    assert isinstance(make_feed(str(folder / "*.parquet"), "label", batch_size=8, strategy="stream"), ShardFeed)
+    loaded = make_feed(folder, "label", batch_size=8, strategy="in_memory", shuffle=False)
+    assert isinstance(loaded, InMemoryFeed)
+    np.testing.assert_array_equal(np.concatenate(epoch_ids(loaded)), np.arange(100))
+    train, val = make_feed(folder, "label", batch_size=8, validation_split=0.2)
+    assert isinstance(train, ShardFeed) and train.n_samples + val.n_samples == 100
+    with pytest.warns(UserWarning, match="read_ahead"):
+        make_feed(frame, "label", batch_size=8, read_ahead=2)
+    with pytest.raises(ConfigError, match="strategy"):
+        make_feed(frame, "label", batch_size=8, strategy="fast")
+
+
+# --------------------------------------------------------------------------- tf.data
+
+
+def _sequence_preprocess(batch_x: pd.DataFrame, batch_y: pd.Series):
+    inputs = pad_columns(batch_x, ["in1", "in2"], add_feature_axis=True)
+    return inputs, batch_y.to_numpy("float32").reshape(-1, 1)
+
+
+def test_to_tf_dataset_yields_the_same_batches(tmp_path: Path) -> None:
+    frame = canonical.make_frame(90, seed=1, max_len=64)
+    canonical.write_shards(frame, tmp_path, shards=3)
+    signature = (
+        TensorSpec("x/in1", "float32", (None, None, 1)),
+        TensorSpec("x/in2", "float32", (None, None, 1)),
+        TensorSpec("y", "float32", (None, 1)),
+    )
+    feeds = [
+        InMemoryFeed(frame, "label", batch_size=16, preprocess=_sequence_preprocess, seed=2),
+        ShardFeed(tmp_path / "parquet", "label", batch_size=16, preprocess=_sequence_preprocess, seed=2),
+    ]
+    for feed in feeds:
+        expected = [feed[i] for i in range(len(feed))]
+        dataset = feed.to_tf_dataset(signature)
+        assert dataset.element_spec[0]["in1"].shape.as_list() == [None, None, 1]
+        assert int(dataset.cardinality()) == len(feed)
+        got = list(dataset.as_numpy_iterator())
+        assert len(got) == len(expected)
+        for (x, y), (ex, ey) in zip(got, expected, strict=True):
+            assert set(x) == set(ex)
+            for name in ex:
+                np.testing.assert_array_equal(x[name], ex[name])
+            np.testing.assert_array_equal(y, ey)
+        assert feed.epoch == 1, "a full pass is an epoch"
+
+
+def test_to_tf_dataset_infers_varying_axes_and_carries_sample_weights() -> None:
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 30, size=40)
+    frame = pd.DataFrame({"in1": [np.ones(k, np.float32) for k in lengths], "in2": [np.ones(3, np.float32)] * 40})
+    frame["label"] = rng.integers(0, 2, 40)
+    feed = InMemoryFeed(frame, "label", batch_size=8, preprocess=_sequence_preprocess, sample_weight=np.ones(40))
+    dataset = feed.to_tf_dataset()
+    x_spec, y_spec, w_spec = dataset.element_spec
+    assert x_spec["in1"].shape.as_list() == [None, None, 1]  # differs between the first two batches
+    assert x_spec["in2"].shape.as_list() == [None, 3, 1]
+    assert w_spec.shape.as_list() == [None]
+    assert sum(len(w) for _, _, w in dataset.as_numpy_iterator()) == 40
+
+
+def test_to_tf_dataset_reports_a_batch_that_breaks_an_inferred_signature() -> None:
+    import tensorflow as tf
+
+    lengths = [3] * 8 + [9] * 8  # the first batch alone suggests a fixed length of 3
+    frame = pd.DataFrame({"in1": [np.ones(k, np.float32) for k in lengths], "label": np.zeros(16)})
+    feed = InMemoryFeed(
+        frame, "label", batch_size=8, shuffle=False, preprocess=lambda x, y: (pad_columns(x, ["in1"]), y.to_numpy())
+    )
+    dataset = feed.to_tf_dataset(infer_batches=1)
+    assert dataset.element_spec[0]["in1"].shape.as_list() == [None, 3]
+    expected = r"PreprocessError: batch 1 of epoch 0 gives x/in1 the shape \(8, 9\)"
+    with pytest.raises(tf.errors.UnknownError, match=expected):
+        list(dataset.as_numpy_iterator())
+    relaxed = feed.to_tf_dataset(infer_batches=2)  # both batches seen: that axis varies
+    assert relaxed.element_spec[0]["in1"].shape.as_list() == [None, None]
+    assert [x["in1"].shape[1] for x, _ in relaxed.as_numpy_iterator()] == [3, 9]
+
+
+def test_batch_larger_than_the_probed_worst_case_logs_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    # The default preprocess gives 24 bytes per sample here (id int64, a and b float32, label int64).
+    with caplog.at_level("WARNING", logger="autobatch.feeds.base"):
+        InMemoryFeed(table(40), "label", batch_size=10, max_batch_bytes=240)[0]
+        assert not caplog.records
+        feed = InMemoryFeed(table(40), "label", batch_size=10, max_batch_bytes=200)
+        feed[0]
+        feed[1]
+    assert len(caplog.records) == 1, "warned once per feed"
+    assert "more than the 200 B of the probe's worst-case batch" in caplog.records[0].getMessage()
+
+
+# --------------------------------------------------------------------------- Keras fit
+
+
+def _two_input_model(width_1: int, width_2: int) -> keras.Model:
+    in1 = keras.Input((width_1,), name="in1")
+    in2 = keras.Input((width_2,), name="in2")
+    hidden = keras.layers.Dense(16, activation="relu")(keras.layers.Concatenate()([in1, in2]))
+    model = keras.Model({"in1": in1, "in2": in2}, keras.layers.Dense(1, activation="sigmoid")(hidden))
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="binary_crossentropy")
+    return model
+
+
+def test_two_input_model_learns_from_an_in_memory_feed() -> None:
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    in1 = rng.standard_normal((600, 8)).astype(np.float32)
+    in2 = rng.standard_normal((600, 4)).astype(np.float32)
+    y = (in1.sum(axis=1) - 2 * in2.sum(axis=1) > 0).astype(np.float32)
+    train, val = InMemoryFeed({"in1": in1, "in2": in2}, y, batch_size=32, seed=0).split(0.2)
+    history = model_history = _two_input_model(8, 4).fit(train, validation_data=val, epochs=2, verbose=0)
+    losses = model_history.history["loss"]
+    assert losses[1] < losses[0] * 0.9, losses
+    assert history.history["val_loss"][1] < history.history["val_loss"][0]
+
+
+def test_canonical_sequence_model_trains_from_csv_shards(tmp_path: Path) -> None:
+    keras.utils.set_random_seed(0)
+    frame = canonical.make_frame(240, seed=5, max_len=64)
+    canonical.write_shards(frame, tmp_path, shards=5)
+    feed = ShardFeed(tmp_path / "csv", "label", batch_size=24, preprocess=_sequence_preprocess, seed=0)
+    model = canonical.build_model()
+    history = model.fit(feed, epochs=2, shuffle=False, verbose=0)  # the feed shuffles; Keras reads in order
+    losses = history.history["loss"]
+    assert losses[1] < losses[0], losses
+    assert feed.epoch >= 2, "Keras advanced the feed's epoch (it also calls on_epoch_end once as fit starts)"
+
+
+# --------------------------------------------------------------------------- Plan.feed
+
+
+def _probe_result(source: str, *, raw_bytes: int, signature: tuple[TensorSpec, ...]) -> ProbeResult:
+    return ProbeResult(
+        n_samples=100,
+        source=source,  # type: ignore[arg-type]
+        raw_bytes=raw_bytes,
+        raw_bytes_per_sample=raw_bytes / 100,
+        raw_scope="test",
+        largest_shard_raw_bytes=4096 if source == "shards" else 0,
+        sample_batch_size=32,
+        preprocessed_bytes_per_sample=24.0,
+        worst_preprocessed_bytes_per_sample=24.0,
+        worst_scope="test",
+        preprocess_peak_bytes_per_sample=48.0,
+        output_signature=signature,
+        device="none",
+    )
+
+
+DEFAULT_SIGNATURE = (
+    TensorSpec("x/id", "int64", (None,)),
+    TensorSpec("x/a", "float32", (None,)),
+    TensorSpec("x/b", "float32", (None,)),
+    TensorSpec("y", "int64", (None,)),
+)
+
+
+def test_plan_feed_builds_the_feed_for_the_strategy(tmp_path: Path) -> None:
+    frame = table(100)
+    folder = write_shards(frame, tmp_path / "pq", SIZES, "parquet")
+    host = [Budget("host", 2**30, "test")]
+    probed = _probe_result("in_memory", raw_bytes=8000, signature=DEFAULT_SIGNATURE)
+    in_memory = make_plan(probed, host, max_batch_size=16)
+    assert in_memory.strategy == "in_memory"
+    feed = in_memory.feed(frame, "label")
+    assert isinstance(feed, InMemoryFeed) and feed.batch_size == 16 and len(feed) == in_memory.steps_per_epoch
+    assert feed.max_queue_size == in_memory.queue_batches
+    streaming = make_plan(
+        _probe_result("shards", raw_bytes=2 * 2**30, signature=DEFAULT_SIGNATURE), host, max_batch_size=16
+    )
+    assert streaming.strategy == "stream"
+    train, val = streaming.feed(folder, "label", validation_split=0.2, seed=1)
+    assert isinstance(train, ShardFeed) and train.batch_size == 16
+    assert_exactly_once(epoch_ids(train) + epoch_ids(val), frame["id"].to_numpy())
+    with pytest.warns(UserWarning, match="budgets 2 waiting"):
+        in_memory.feed(frame, "label", workers=2, max_queue_size=4)
+
+
+def test_plan_feed_checks_batches_against_the_probed_signature() -> None:
+    probed = (TensorSpec("x/a", "float32", (None,)), TensorSpec("y", "float32", (None,)))
+    plan: Plan = make_plan(
+        _probe_result("in_memory", raw_bytes=8000, signature=probed), [Budget("host", 2**30, "t")], max_batch_size=8
+    )
+    feed = plan.feed(table(100), "label")  # the default preprocess gives x/id, x/a, x/b and an int64 y
+    with pytest.raises(PreprocessError, match="the batch the probe measured"):
+        feed[0]
+
+
+def test_plan_module_does_not_import_feeds() -> None:
+    tree = ast.parse((ROOT / "autobatch" / "plan.py").read_text())
+    top_level = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+    modules = [getattr(node, "module", None) or node.names[0].name for node in top_level]
+    assert not [m for m in modules if m and m.startswith("autobatch.feeds")], modules

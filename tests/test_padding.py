@@ -1,0 +1,130 @@
+"""Padding helpers: same results as keras.utils.pad_sequences where they overlap, plus buckets."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from autobatch.errors import ConfigError, DataError
+from autobatch.padding import bucket_length, pad_columns, pad_sequences_batch
+
+
+def _sequences(seed: int, *, n: int = 12, feature_shape: tuple[int, ...] = ()) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, 15, size=n)
+    lengths[0] = max(lengths[0], 1)  # keras reads the feature shape from the first non-empty sequence
+    return [rng.standard_normal((int(k), *feature_shape)).astype(np.float32) for k in lengths]
+
+
+@pytest.mark.parametrize("feature_shape", [(), (3,)])
+@pytest.mark.parametrize("maxlen", [None, 1, 6, 40])
+@pytest.mark.parametrize("truncating", ["pre", "post"])
+@pytest.mark.parametrize("padding", ["pre", "post"])
+def test_matches_keras_pad_sequences(feature_shape, maxlen, truncating, padding) -> None:
+    for seed in range(5):
+        sequences = _sequences(seed, feature_shape=feature_shape)
+        ours = pad_sequences_batch(sequences, maxlen=maxlen, truncating=truncating, padding=padding, value=-1.5)
+        theirs = keras.utils.pad_sequences(
+            sequences, maxlen=maxlen, truncating=truncating, padding=padding, value=-1.5, dtype="float32"
+        )
+        assert ours.dtype == theirs.dtype
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_integer_lists_and_dtype_match_keras() -> None:
+    sequences = [[1, 2, 3], [4], [5, 6, 7, 8, 9]]
+    ours = pad_sequences_batch(sequences, dtype="int32", padding="pre", maxlen=4)
+    np.testing.assert_array_equal(ours, keras.utils.pad_sequences(sequences, maxlen=4))
+    assert ours.dtype == np.int32
+
+
+def test_default_pads_post_to_the_batch_max() -> None:
+    out = pad_sequences_batch([np.array([1.0, 2.0]), np.array([3.0, 4.0, 5.0]), np.array([])])
+    np.testing.assert_array_equal(out, [[1, 2, 0], [3, 4, 5], [0, 0, 0]])
+    assert out.dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    ("length", "bucket", "expected"),
+    [
+        (0, "pow2", 1),
+        (1, "pow2", 1),
+        (5, "pow2", 8),
+        (8, "pow2", 8),
+        (9, "pow2", 16),
+        (1, 64, 64),
+        (64, 64, 64),
+        (65, 64, 128),
+    ],
+)
+def test_bucket_length(length, bucket, expected) -> None:
+    assert bucket_length(length, bucket) == expected
+
+
+@pytest.mark.parametrize("bucket", ["pow3", 0, -64, 2.5, True])
+def test_bucket_rejects_bad_values(bucket) -> None:
+    with pytest.raises(ConfigError, match="bucket"):
+        bucket_length(5, bucket)
+
+
+def test_bucket_pads_to_next_bucket_and_maxlen_caps_it() -> None:
+    sequences = [np.arange(1, 6, dtype=np.float32), np.arange(1, 3, dtype=np.float32)]  # longest: 5
+    pow2 = pad_sequences_batch(sequences, bucket="pow2")
+    assert pow2.shape == (2, 8)
+    np.testing.assert_array_equal(pow2[:, :5], keras.utils.pad_sequences(sequences, padding="post", dtype="float32"))
+    assert not pow2[:, 5:].any()
+    assert pad_sequences_batch(sequences, bucket=64).shape == (2, 64)
+    capped = pad_sequences_batch(sequences, bucket=64, maxlen=4)  # the bucket never exceeds maxlen
+    np.testing.assert_array_equal(
+        capped, keras.utils.pad_sequences(sequences, maxlen=4, padding="post", dtype="float32")
+    )
+
+
+def test_numeric_strings_as_in_csv_shards_are_parsed() -> None:
+    out = pad_sequences_batch(["0.5 -1 2", "3", ""], padding="post")
+    np.testing.assert_array_equal(out, np.array([[0.5, -1, 2], [3, 0, 0], [0, 0, 0]], dtype=np.float32))
+
+
+def test_regular_2d_array_and_series_inputs() -> None:
+    array = np.arange(12, dtype=np.float64).reshape(3, 4)
+    np.testing.assert_array_equal(pad_sequences_batch(array, maxlen=2), array[:, 2:].astype(np.float32))
+    series = pd.Series([np.array([1.0]), np.array([2.0, 3.0])])
+    np.testing.assert_array_equal(pad_sequences_batch(series), [[1, 0], [2, 3]])
+
+
+def test_bad_sequences_name_the_culprit() -> None:
+    with pytest.raises(DataError, match="sequence 1 is a scalar"):
+        pad_sequences_batch([[1.0], 2.0])
+    with pytest.raises(DataError, match=r"sequence 2 has feature shape \(4,\)"):
+        pad_sequences_batch([np.zeros((2, 3)), np.zeros((0,)), np.zeros((1, 4))])
+    with pytest.raises(ConfigError, match="truncating"):
+        pad_sequences_batch([[1.0]], truncating="middle")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="padding"):
+        pad_sequences_batch([[1.0]], padding="both")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="maxlen"):
+        pad_sequences_batch([[1.0]], maxlen=-1)
+
+
+def test_pad_columns_pads_each_column_to_its_own_length() -> None:
+    frame = pd.DataFrame(
+        {
+            "in1": [np.ones(3, np.float32), np.ones(1, np.float32)],
+            "in2": ["1 2 3 4 5 6 7", "8"],
+            "label": [0, 1],
+        }
+    )
+    out = pad_columns(frame, ["in1", "in2"], add_feature_axis=True)
+    assert list(out) == ["in1", "in2"]
+    assert out["in1"].shape == (2, 3, 1) and out["in2"].shape == (2, 7, 1)
+    np.testing.assert_array_equal(out["in2"][1, :, 0], [8, 0, 0, 0, 0, 0, 0])
+    capped = pad_columns(frame, ["in1", "in2"], maxlen={"in2": 4}, bucket="pow2")
+    assert capped["in1"].shape == (2, 4) and capped["in2"].shape == (2, 4)
+    np.testing.assert_array_equal(capped["in2"][0], [4, 5, 6, 7])  # truncating="pre" keeps the end
+    with pytest.raises(DataError, match=r"\['in3'\]"):
+        pad_columns(frame, ["in1", "in3"])
