@@ -1,8 +1,13 @@
 """autobatch: measure, don't guess, the batch size that fits Keras/TensorFlow training in memory."""
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from autobatch._memory import Budget
 from autobatch._units import format_bytes, parse_bytes
-from autobatch.api import plan
+from autobatch.api import fit, plan
 from autobatch.errors import (
     AutobatchError,
     BudgetError,
@@ -12,27 +17,61 @@ from autobatch.errors import (
     PreprocessError,
     ProbeError,
 )
+from autobatch.padding import bucket_length, pad_columns, pad_sequences_batch
 from autobatch.plan import BudgetUse, Plan, make_plan
 from autobatch.probe import ProbeResult, StepTrial, TensorSpec, probe
 
 __version__ = "0.1.0"
 
+# Feeds and the monitor subclass Keras classes, so importing them loads TensorFlow (seconds):
+# they load on first use, keeping `import autobatch` and the planning CLI fast.
+_LAZY = {
+    "BaseFeed": "autobatch.feeds",
+    "FeedStats": "autobatch.feeds.base",
+    "InMemoryFeed": "autobatch.feeds",
+    "MemoryMonitor": "autobatch.monitor",
+    "MemoryReading": "autobatch.monitor",
+    "MonitorSummary": "autobatch.monitor",
+    "ShardFeed": "autobatch.feeds",
+    "make_feed": "autobatch.feeds",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'autobatch' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
 __all__ = [
     "AutobatchError",
+    "BaseFeed",
     "Budget",
     "BudgetError",
     "BudgetUse",
     "ConfigError",
     "DataError",
+    "FeedStats",
+    "InMemoryFeed",
+    "MemoryMonitor",
+    "MemoryReading",
     "ModelError",
+    "MonitorSummary",
     "Plan",
     "PreprocessError",
     "ProbeError",
     "ProbeResult",
+    "ShardFeed",
     "StepTrial",
     "TensorSpec",
+    "bucket_length",
+    "fit",
     "format_bytes",
+    "make_feed",
     "make_plan",
+    "pad_columns",
+    "pad_sequences_batch",
     "parse_bytes",
     "plan",
     "probe",

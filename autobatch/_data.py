@@ -279,21 +279,7 @@ def read_shard(path: Path, *, columns: Sequence[str] | None = None) -> pd.DataFr
 
 def count_rows(path: Path) -> int:
     """Rows in one shard: Parquet from its metadata; CSV by a streaming pass that honours quoting."""
-    if not path.exists():
-        raise DataError(f"shard {str(path)!r} does not exist.")
-    if path.stat().st_size == 0:
-        raise DataError(f"shard {str(path)!r} is an empty (zero-byte) file.")
-    try:
-        if shard_format(path) == "parquet":
-            import pyarrow.parquet as pq
-
-            return int(pq.ParquetFile(path).metadata.num_rows)
-        import pyarrow.csv as pacsv
-
-        reader = pacsv.open_csv(path, convert_options=pacsv.ConvertOptions(column_types={}))
-        return sum(batch.num_rows for batch in reader)
-    except Exception as exc:
-        raise DataError(f"cannot read shard {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+    return shard_info(path).n_rows
 
 
 @dataclasses.dataclass(frozen=True)

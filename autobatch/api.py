@@ -232,6 +232,7 @@ def fit(
             accumulation when it does not fit (never silently smaller).
         callbacks: more Keras callbacks.
         shuffle: reshuffle every epoch (the feed does it; Keras's own shuffle is off).
+            Also accepted inside ``fit_kwargs`` as ``model.fit`` spells it.
         seed: for shuffling and the validation split.
         monitor: attach the live :class:`MemoryMonitor`.
         log_path: the monitor's JSON-lines log, for ``autobatch report``.
@@ -253,6 +254,7 @@ def fit(
     """
     from rich.console import Console as RichConsole
 
+    from autobatch.feeds import BaseFeed
     from autobatch.monitor import MemoryMonitor
 
     for ignored in ("batch_size", "steps_per_epoch"):
@@ -262,7 +264,8 @@ def fit(
                 "Use max_batch_size= or target_batch_size= to steer it.",
                 stacklevel=2,
             )
-    fit_kwargs.pop("shuffle", None)
+    if "shuffle" in fit_kwargs:
+        shuffle = bool(fit_kwargs.pop("shuffle"))
     if validation_data is not None and validation_split is not None:
         raise ConfigError("pass either `validation_data` or `validation_split`, not both.")
     console = console or RichConsole()
@@ -292,8 +295,20 @@ def fit(
     if monitor:
         watcher = MemoryMonitor(chosen, console=console, log_path=log_path, feed=train)
         all_callbacks.insert(0, watcher)
+    # Keras infers a PyDataset's signature from its first two batches and would fix a padded axis that
+    # happened to match; the probe's signature marks the axes that vary. Prefetch what the plan budgets.
+    signature = chosen.probe.output_signature
+    train_data = train.to_tf_dataset(signature, prefetch=max(chosen.queue_batches, 1))
+    if isinstance(validation, BaseFeed):
+        validation = validation.to_tf_dataset(signature, prefetch=1)
     history = model.fit(
-        train, epochs=epochs, validation_data=validation, callbacks=all_callbacks, verbose=verbose, **fit_kwargs
+        train_data,
+        epochs=epochs,
+        validation_data=validation,
+        callbacks=all_callbacks,
+        verbose=verbose,
+        shuffle=False,  # the feed reshuffles every epoch itself
+        **fit_kwargs,
     )
     history.autobatch_plan = chosen
     history.autobatch_summary = watcher.summary if watcher is not None else None

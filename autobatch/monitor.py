@@ -103,10 +103,10 @@ class MonitorSummary:
         if self.peak_gpu_bytes is not None:
             table.add_row("peak GPU", format_bytes(self.peak_gpu_bytes), "-", format_bytes(self.gpu_budget_bytes))
         table.add_row("samples/s (mean)", f"{self.samples_per_second:,.1f}", "", "")
-        table.add_row("time in training steps", f"{self.step_seconds:.1f} s", "", "")
-        table.add_row("time between steps", f"{self.between_steps_seconds:.1f} s", "", "")
+        table.add_row("time in training steps", f"{self.step_seconds:.2f} s", "", "")
+        table.add_row("time between steps", f"{self.between_steps_seconds:.2f} s", "", "")
         if self.feed_seconds is not None:
-            table.add_row("feed producing batches", f"{self.feed_seconds:.1f} s", "", "")
+            table.add_row("feed producing batches", f"{self.feed_seconds:.2f} s", "", "")
         if self.warnings:
             table.caption = f"{len(self.warnings)} memory warning(s): {self.warnings[-1]}"
         return table
@@ -337,14 +337,21 @@ class MemoryMonitor(keras.callbacks.Callback):
         self._batch_ended = now
         self._step = batch + 1
         self._steps_done += 1
-        if self.batch_size:
-            self._samples += self.batch_size
+        self._samples += self._step_samples(batch)
+
+    def _step_samples(self, batch: int) -> int:
+        # The feed knows each batch's real size (the last one of an epoch may be smaller).
+        bounds = getattr(self.feed, "batch_bounds", None)
+        if bounds is not None:
+            try:
+                lo, hi = bounds(batch)
+                return hi - lo
+            except IndexError:
+                pass
+        return self.batch_size or 0
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._batch_ended = None  # validation and epoch-end work is not "between steps"
-        if self.plan is not None and self.batch_size and self._step == self.plan.steps_per_epoch:
-            # The last batch of an epoch may be smaller: count the real number of samples.
-            self._samples -= self.plan.steps_per_epoch * self.batch_size - self.plan.n_samples
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         if self.disable:

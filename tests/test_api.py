@@ -148,3 +148,94 @@ def test_second_plan_on_the_same_setup_comes_from_the_cache(frame, small_model_p
     assert second.batch_size == first.batch_size and second.confirmed
     # The confirming trial is part of what was cached: nothing was re-run.
     assert second.probe.trials == first.probe.trials
+
+
+# ---------------------------------------------------------------- autobatch.fit end to end
+
+
+def _learnable(n, seed=0):
+    """Two sequence inputs; the label is whether in1's mean is positive: learnable by the canonical model."""
+    frame = canonical.make_frame(n, seed=seed, max_len=64)
+    frame["label"] = (frame["in1"].map(lambda a: a.mean()) > 0).astype("int64")
+    return frame
+
+
+def test_fit_in_memory_trains_at_the_plan_and_reports(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    frame = _learnable(600)
+    model = canonical.build_model()
+    out = io.StringIO()
+    history = autobatch.fit(
+        model, frame.drop(columns=["label"]), frame["label"], preprocess=canonical.preprocess, epochs=3,
+        ram_limit="4GiB", max_batch_size=64, validation_split=0.2, console=Console(file=out, width=140),
+        log_path=tmp_path / "run.jsonl", cache=False,
+    )
+    plan = history.autobatch_plan
+    assert plan.batch_size == 64 and plan.limited_by == "max_batch_size"
+    losses = history.history["loss"]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert "val_loss" in history.history
+    summary = history.autobatch_summary
+    # 480 training rows (the rest held out) per epoch, every one once: 3 epochs.
+    assert summary.samples == 3 * 480
+    assert summary.peak_rss_bytes < 4 * 1024**3 and summary.feed_seconds > 0
+    text = out.getvalue()
+    assert "autobatch plan" in text and "autobatch memory summary" in text
+    assert (tmp_path / "run.jsonl").read_text().count('"type": "summary"') == 1
+
+
+def test_fit_streams_shards_and_sees_every_row(tmp_path):
+    frame = _learnable(400, seed=1)
+    canonical.write_shards(frame, tmp_path, shards=4)
+    model = canonical.build_model()
+    history = autobatch.fit(
+        model, str(tmp_path / "parquet"), "label", preprocess=canonical.preprocess, epochs=2, ram_limit="4GiB",
+        max_batch_size=48, monitor=False, cache=False,
+    )
+    plan = history.autobatch_plan
+    assert plan.n_samples == 400 and plan.batch_size == 48 and plan.steps_per_epoch == 9
+    assert history.autobatch_summary is None and len(history.history["loss"]) == 2
+
+
+def test_fit_keeps_the_effective_batch_by_gradient_accumulation():
+    frame = _learnable(300, seed=2)
+    model = canonical.build_model()
+    history = autobatch.fit(
+        model, frame.drop(columns=["label"]), frame["label"], preprocess=canonical.preprocess, epochs=1,
+        ram_limit="4GiB", max_batch_size=25, target_batch_size=100, monitor=False, cache=False,
+    )
+    plan = history.autobatch_plan
+    assert plan.batch_size == 25 and plan.gradient_accumulation_steps == 4 and plan.effective_batch_size == 100
+    assert model.optimizer.gradient_accumulation_steps == 4
+    # 12 steps of 25 samples, one optimizer update per 4 steps.
+    assert int(model.optimizer.iterations.numpy()) == 300 // 100
+
+
+def test_fit_refuses_an_optimizer_already_built_without_accumulation():
+    import numpy as np
+
+    frame = _learnable(100, seed=3)
+    model = canonical.build_model()
+    inputs, targets = canonical.preprocess(frame.drop(columns=["label"]).iloc[:8], frame["label"].iloc[:8])
+    model.train_on_batch(inputs, targets)  # builds the optimizer
+    with pytest.raises(autobatch.ConfigError) as excinfo:
+        autobatch.fit(
+            model, frame.drop(columns=["label"]), frame["label"], preprocess=canonical.preprocess,
+            ram_limit="4GiB", max_batch_size=10, target_batch_size=40, monitor=False, cache=False,
+        )
+    assert "gradient_accumulation_steps=4" in str(excinfo.value)
+    assert np.isfinite(model.evaluate(inputs, targets, verbose=0))
+
+
+def test_fit_warns_about_arguments_it_decides_itself():
+    frame = _learnable(100, seed=4)
+    # The warning comes first; the unparseable limit then stops the call before any probing.
+    with pytest.warns(UserWarning, match="chooses `batch_size`"), pytest.raises(autobatch.ConfigError) as excinfo:
+        autobatch.fit(
+            canonical.build_model(), frame.drop(columns=["label"]), frame["label"], preprocess=canonical.preprocess,
+            ram_limit="plenty", batch_size=7, monitor=False, cache=False,
+        )
+    assert "ram_limit" in str(excinfo.value)

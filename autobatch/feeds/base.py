@@ -15,8 +15,9 @@ import dataclasses
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import keras
 import numpy as np
@@ -68,6 +69,14 @@ def check_fraction(validation_split: float) -> float:
     return float(validation_split)
 
 
+@dataclasses.dataclass
+class FeedStats:
+    """Work a feed has done producing batches (reading, slicing, preprocessing), for the monitor."""
+
+    batches: int = 0
+    seconds: float = 0.0
+
+
 class BaseFeed(keras.utils.PyDataset):
     """A batched, shuffled, preprocessed view of a dataset, for ``model.fit``.
 
@@ -98,6 +107,7 @@ class BaseFeed(keras.utils.PyDataset):
         self.output_signature = tuple(output_signature) if output_signature is not None else None
         self.max_batch_bytes = max_batch_bytes
         self._epoch = 0
+        self.stats = FeedStats()
         self._init_runtime()
 
     # ------------------------------------------------------------------ runtime state (not pickled)
@@ -197,6 +207,7 @@ class BaseFeed(keras.utils.PyDataset):
             DataError: a shard cannot be read.
             PreprocessError: ``preprocess`` failed or returned arrays unlike the previous batches'.
         """
+        started = time.perf_counter()
         if index < 0:
             index += len(self)
         lo, hi = self.batch_bounds(index)
@@ -216,6 +227,9 @@ class BaseFeed(keras.utils.PyDataset):
             )
         inputs, targets = result
         self._check(inputs, targets, hi - lo, where)
+        with self._lock:
+            self.stats.batches += 1
+            self.stats.seconds += time.perf_counter() - started
         if targets is None:
             return (inputs,)
         if raw.sample_weight is not None:
@@ -298,7 +312,11 @@ class BaseFeed(keras.utils.PyDataset):
         return tuple(_map_leaves(part, spec, name) for part, name in zip(batches[0], names, strict=False))
 
     def to_tf_dataset(
-        self, output_signature: Sequence[TensorSpec] | None = None, *, infer_batches: int = 2
+        self,
+        output_signature: Sequence[TensorSpec] | None = None,
+        *,
+        infer_batches: int = 2,
+        prefetch: int | Literal["autotune"] = "autotune",
     ) -> Any:
         """This feed as a ``tf.data.Dataset`` of the same batches, prefetched with ``AUTOTUNE``.
 
@@ -311,6 +329,8 @@ class BaseFeed(keras.utils.PyDataset):
                 built with, else inferred from the first ``infer_batches``
                 batches (axes that differ between them become ``None``).
             infer_batches: how many batches to look at when inferring.
+            prefetch: batches to prefetch: ``"autotune"`` (tf.data decides), or a fixed
+                number — what a memory plan budgets (``plan.queue_batches``).
 
         Returns:
             A ``tf.data.Dataset`` of ``(inputs, targets[, sample_weight])`` with an
@@ -352,7 +372,7 @@ class BaseFeed(keras.utils.PyDataset):
 
         dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(count))
-        return dataset.prefetch(tf.data.AUTOTUNE)
+        return dataset.prefetch(tf.data.AUTOTUNE if prefetch == "autotune" else int(prefetch))
 
     def __repr__(self) -> str:
         return (
