@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 from autobatch._memory import Budget
@@ -22,6 +23,9 @@ from autobatch.plan import BudgetUse, Plan, make_plan
 from autobatch.probe import ProbeResult, StepTrial, TensorSpec, probe
 
 __version__ = "0.1.0"
+
+# A library logs but never configures logging: without this, Python's last-resort handler prints our warnings.
+logging.getLogger("autobatch").addHandler(logging.NullHandler())
 
 # Feeds and the monitor subclass Keras classes, so importing them loads TensorFlow (seconds):
 # they load on first use, keeping `import autobatch` and the planning CLI fast.

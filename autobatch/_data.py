@@ -243,6 +243,16 @@ def shard_format(path: Path) -> Literal["csv", "parquet"]:
     return SHARD_SUFFIXES[path.suffix.lower()]  # type: ignore[return-value]
 
 
+def _release_arrow_memory() -> None:
+    # Arrow's allocator keeps freed blocks cached: after each file that is ~the file's size again, for good.
+    try:
+        import pyarrow as pa
+
+        pa.default_memory_pool().release_unused()
+    except (ImportError, AttributeError):
+        pass
+
+
 def read_shard(path: Path, *, columns: Sequence[str] | None = None) -> pd.DataFrame:
     """Read one shard file, with errors that name the file.
 
@@ -265,6 +275,7 @@ def read_shard(path: Path, *, columns: Sequence[str] | None = None) -> pd.DataFr
             frame = pd.read_csv(path)
     except Exception as exc:  # pandas/pyarrow raise many types; all mean "cannot parse this file"
         raise DataError(f"cannot read shard {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+    _release_arrow_memory()
     if len(frame) == 0:
         raise DataError(f"shard {str(path)!r} has a header but no rows.")
     if columns is not None and list(frame.columns) != list(columns):
@@ -331,6 +342,8 @@ class DataSample:
     """Which rows the raw size was measured on."""
     largest_shard_raw_bytes: int
     """In-memory size of the largest shard (0 for in-memory data): what streaming holds per file."""
+    largest_shard: Path | None
+    """The largest shard file (by rows), which the probe's child reads as training would."""
     random: InMemoryData
     """Rows drawn uniformly at random."""
     worst: InMemoryData
@@ -384,6 +397,7 @@ def sample_in_memory(data: InMemoryData, *, k: int, seed: int = 0) -> DataSample
         raw_bytes=data.nbytes,
         raw_bytes_scope=f"all {n:,} rows (pandas memory_usage(deep=True) / numpy nbytes)",
         largest_shard_raw_bytes=0,
+        largest_shard=None,
         random=InMemoryData(*data.take(random_idx)),
         worst=InMemoryData(*data.take(worst_idx)),
         smallest=InMemoryData(*data.take(smallest_idx)),
@@ -407,6 +421,26 @@ def _concat(parts: Sequence[InMemoryData]) -> InMemoryData:
         return np.concatenate(values)
 
     return InMemoryData(join([p.x for p in parts]), join([p.y for p in parts]))
+
+
+def _detached(data: InMemoryData) -> InMemoryData:
+    """Copy array cells out of their shard's buffer.
+
+    ``read_parquet`` gives list cells as views into one Arrow buffer per column
+    chunk: keeping a few rows as views would keep every shard read so far alive.
+    """
+
+    def copy(value: Any) -> Any:
+        if isinstance(value, pd.DataFrame):
+            return pd.DataFrame({name: copy(value[name]) for name in value.columns}, index=value.index)
+        if isinstance(value, pd.Series) and value.dtype == object:
+            cells = [v.copy() if isinstance(v, np.ndarray) else v for v in value]
+            return pd.Series(cells, index=value.index, name=value.name, dtype=object)
+        if isinstance(value, Mapping):
+            return {key: copy(item) for key, item in value.items()}
+        return value.copy() if hasattr(value, "copy") else value
+
+    return InMemoryData(copy(data.x), copy(data.y))
 
 
 def sample_shards(source: ShardSource, *, k: int, seed: int = 0, scan_bytes: int = 512 * 1024**2) -> DataSample:
@@ -445,7 +479,7 @@ def sample_shards(source: ShardSource, *, k: int, seed: int = 0, scan_bytes: int
         keys = {"worst": -sizes.astype(float), "smallest": sizes.astype(float), "random": rng.random(data.n_samples)}
         for name, key in keys.items():
             low = np.argsort(key, kind="stable")[:k]
-            rows, row_keys = InMemoryData(*data.take(low)), key[low]
+            rows, row_keys = _detached(InMemoryData(*data.take(low))), key[low]
             if name in kept:
                 rows = _concat([kept[name][0], rows])
                 row_keys = np.concatenate([kept[name][1], row_keys])
@@ -466,6 +500,7 @@ def sample_shards(source: ShardSource, *, k: int, seed: int = 0, scan_bytes: int
         raw_bytes=int(round(per_row * n)),
         raw_bytes_scope=f"{scope}: {per_row:,.0f} B/row in memory after reading",
         largest_shard_raw_bytes=int(largest),
+        largest_shard=files[int(np.argmax(counts))],
         random=kept["random"][0],
         worst=kept["worst"][0],
         smallest=kept["smallest"][0],

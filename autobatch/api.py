@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from autobatch import _cache
-from autobatch._memory import Budget, gpu_budget, host_budget
+from autobatch._memory import Budget, gpu_budget, host_budget, rss_bytes
 from autobatch.plan import Plan, make_plan
 from autobatch.errors import ConfigError
 from autobatch.probe import Preprocess, Prober, ProbeResult
@@ -93,6 +93,7 @@ def plan(
     confirm: bool = True,
     cache: bool = True,
     cache_dir: str | os.PathLike[str] | None = None,
+    in_process: bool = True,
     **probe_options: Any,
 ) -> Plan:
     """Probe the data (and model), read the memory budgets and plan the largest safe batch.
@@ -119,6 +120,9 @@ def plan(
         confirm: run the confirming trial at the chosen size.
         cache: reuse an identical earlier probe (same data, preprocess, model, device, budget).
         cache_dir: where the cache lives.
+        in_process: training will run in this process, so what it already holds beyond
+            the probe child's runtime, model and the dataset is budgeted too. The CLI,
+            planning for another process, passes ``False``.
         **probe_options: passed to :class:`autobatch.probe.Prober`
             (``sample_batch_size``, ``trial_batch_sizes``, ``steps``, ``seed``, ``timeout_s``).
 
@@ -159,6 +163,11 @@ def plan(
             result = prober.measure()
             if cache:
                 _cache.store(probe_key, result.to_dict(), cache_dir)
+        if in_process and result.baseline_rss_bytes is not None:
+            # Training runs here: what this process holds beyond the child's runtime + model (and beyond
+            # the in-memory dataset, budgeted on its own) stays resident while training.
+            held = result.raw_bytes if result.source == "in_memory" else 0
+            options["process_extra_bytes"] = max(rss_bytes() - result.baseline_rss_bytes - held, 0)
         if confirm and result.has_model:
             chosen, result = confirm_plan(prober, result, budgets, **options)
             if cache:

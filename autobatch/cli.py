@@ -126,6 +126,7 @@ def main(argv: Sequence[str] | None = None, *, console: Console | None = None) -
             multiple_of=args.multiple_of,
             confirm=not args.no_confirm,
             cache=not args.no_cache,
+            in_process=False,
             **probe_options,
         )
     except AutobatchError as exc:

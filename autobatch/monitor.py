@@ -227,7 +227,8 @@ class MemoryMonitor(keras.callbacks.Callback):
                 warnings.warn(message, ResourceWarning, stacklevel=2)
                 if self._live is None:
                     self.console.print(f"[bold yellow]autobatch warning:[/] {message}", highlight=False)
-            elif used < self.warn_at * budget:
+            elif used < (self.warn_at - 0.05) * budget:
+                # Re-arm only after a clear drop, so hovering at the threshold warns once, not every reading.
                 self._over.discard(kind)
         if self._log is not None:
             record = {"t": round(now - self._start, 3), "epoch": self._epoch, "step": self._step, **dataclasses.asdict(reading)}

@@ -217,7 +217,7 @@ def _max_batch(intercept: float, slope: float, usable: float) -> int | None:
 
 
 def _host_terms(
-    result: ProbeResult, strategy: Strategy, queue_batches: int, read_ahead_shards: int
+    result: ProbeResult, strategy: Strategy, queue_batches: int, read_ahead_shards: int, process_extra_bytes: int
 ) -> tuple[float, float, list[tuple[str, float, float]]]:
     """Intercept, slope and named (intercept, slope) parts of the host peak line."""
     parts: list[tuple[str, float, float]] = []
@@ -229,8 +229,18 @@ def _host_terms(
     if strategy == "in_memory":
         parts.append(("dataset", float(result.raw_bytes), 0.0))
     else:
-        parts.append(("shards read", float(result.largest_shard_raw_bytes * (1 + read_ahead_shards)), 0.0))
-    parts.append(("queue", 0.0, queue_batches * result.worst_preprocessed_bytes_per_sample))
+        shard = float(result.largest_shard_raw_bytes)
+        if result.trial_holds_shard and result.shard_read_peak_bytes is not None and read_ahead_shards >= 1:
+            # The child held the current shard; the next one is read during steps: its measured read peak
+            # (Arrow buffers + pandas objects, ~3x the rows) and then its rows stay until their turn.
+            reading = max(float(result.shard_read_peak_bytes), shard) + shard * (read_ahead_shards - 1)
+        else:
+            reading = shard * (1 + read_ahead_shards - (1 if result.trial_holds_shard else 0))
+        parts.append(("shards read", reading, 0.0))
+    if process_extra_bytes:
+        parts.append(("this process", float(process_extra_bytes), 0.0))
+    waiting = max(queue_batches - result.trial_prefetch_batches, 0)  # the trials' prefetch is measured
+    parts.append(("queue", 0.0, waiting * result.worst_preprocessed_bytes_per_sample))
     parts.append(("preprocess", 0.0, result.preprocess_peak_bytes_per_sample))
     return sum(p[1] for p in parts), sum(p[2] for p in parts), parts
 
@@ -245,6 +255,7 @@ def make_plan(
     queue_batches: int = 2,
     read_ahead_shards: int = 1,
     target_batch_size: int | None = None,
+    process_extra_bytes: int = 0,
 ) -> Plan:
     """Choose the largest batch size whose predicted peak fits every budget.
 
@@ -256,6 +267,9 @@ def make_plan(
         multiple_of: round the batch size down to a multiple of this.
         queue_batches: batches the feed may hold waiting (queue depth × workers).
         read_ahead_shards: shard files read ahead of the current one when streaming.
+        process_extra_bytes: memory the training process holds beyond what the trials'
+            child held and beyond the dataset (measured by :func:`autobatch.plan` when
+            training runs in the calling process).
         target_batch_size: the batch the optimisation should see. When it does not fit,
             the plan keeps it by gradient accumulation (Keras optimizers'
             ``gradient_accumulation_steps``) instead of silently training on less.
@@ -275,6 +289,8 @@ def make_plan(
         raise ConfigError(f"`multiple_of` must be >= 1. Received: multiple_of={multiple_of}")
     if target_batch_size is not None and target_batch_size < 1:
         raise ConfigError(f"`target_batch_size` must be >= 1. Received: target_batch_size={target_batch_size}")
+    if process_extra_bytes < 0:
+        raise ConfigError(f"`process_extra_bytes` must be >= 0. Received: {process_extra_bytes}")
     if queue_batches < 0:
         raise ConfigError(f"`queue_batches` must be >= 0. Received: queue_batches={queue_batches}")
     if not budgets:
@@ -285,7 +301,7 @@ def make_plan(
         for budget in budgets:
             usable = budget.limit_bytes * (1 - safety)
             if budget.kind == "host":
-                a, s, parts = _host_terms(result, strategy, queue_batches, read_ahead_shards)
+                a, s, parts = _host_terms(result, strategy, queue_batches, read_ahead_shards, process_extra_bytes)
             else:
                 fit = result.gpu_fit
                 if fit is None:

@@ -6,9 +6,10 @@ The probe measures, and never guesses from shapes:
 2. bytes per sample after ``preprocess``, on a random batch and on the worst-case
    batch (the largest rows, e.g. the longest sequences);
 3. the transient peak of ``preprocess`` itself (``tracemalloc``);
-4. with a model: the peak memory of real ``train_on_batch`` steps at a few batch
-   sizes, in a child process (``autobatch._trial``) so an OOM cannot kill the
-   caller, fitted as intercept + per-sample slope.
+4. with a model: the peak memory of real training steps (``model.fit`` over a
+   prefetching ``tf.data`` pipeline, one shard held as streaming holds it) at a
+   few batch sizes, in a child process (``autobatch._trial``) so an OOM cannot
+   kill the caller, fitted as intercept + per-sample slope.
 
 The ``Prober`` keeps that child alive so the planner can confirm its choice with
 one more real trial at the chosen size.
@@ -122,6 +123,12 @@ class ProbeResult:
     baseline_rss_bytes: int | None = None
     """Child RSS after loading TensorFlow and the model, before any step."""
     trials: tuple[StepTrial, ...] = ()
+    trial_prefetch_batches: int = 0
+    """Batches the trials' ``tf.data`` pipeline prefetched: that much queue is inside the measured peaks."""
+    trial_holds_shard: bool = False
+    """Whether the trials' child held one shard read as streaming reads it (inside the measured peaks)."""
+    shard_read_peak_bytes: int | None = None
+    """Transient peak of reading the largest shard (Arrow buffers + pandas objects), measured in the child."""
     wall_seconds: float = 0.0
     cache_key: str = ""
     from_cache: bool = False
@@ -362,7 +369,9 @@ def _merge_signatures(a: tuple[TensorSpec, ...], b: tuple[TensorSpec, ...]) -> t
 class _Child:
     """A running ``autobatch._trial`` process and the lines it answers with."""
 
-    def __init__(self, model_ref: dict[str, Any], *, timeout_s: float, workdir: Path) -> None:
+    def __init__(
+        self, model_ref: dict[str, Any], *, timeout_s: float, workdir: Path, shard: Path | None = None
+    ) -> None:
         self._timeout_s = timeout_s
         self._stderr_path = workdir / "child-stderr.log"
         self._stderr = open(self._stderr_path, "w+b")
@@ -380,7 +389,8 @@ class _Child:
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
-        self.info = self.request({"cmd": "load", "model": model_ref}, rss_limit_bytes=None)
+        load = {"cmd": "load", "model": model_ref, "shard": str(shard) if shard is not None else None}
+        self.info = self.request(load, rss_limit_bytes=None)
         if self.info.get("timeout"):
             self.close()
             raise ProbeError(
@@ -548,11 +558,14 @@ class Prober:
         seed: int = 0,
         timeout_s: float = 600.0,
         scan_bytes: int = 512 * 1024**2,
+        prefetch_batches: int = 2,
     ) -> None:
         if sample_batch_size < 1:
             raise ConfigError(f"`sample_batch_size` must be >= 1. Received: {sample_batch_size}")
         if steps < 1:
             raise ConfigError(f"`steps` must be >= 1. Received: {steps}")
+        if prefetch_batches < 1:
+            raise ConfigError(f"`prefetch_batches` must be >= 1. Received: {prefetch_batches}")
         if trial_batch_sizes is not None and (not trial_batch_sizes or min(trial_batch_sizes) < 1):
             raise ConfigError(f"`trial_batch_sizes` must be positive integers. Received: {trial_batch_sizes}")
         self._data = _resolve_data(x, y)
@@ -564,6 +577,7 @@ class Prober:
         self._seed = seed
         self._timeout_s = timeout_s
         self._scan_bytes = scan_bytes
+        self._prefetch_batches = prefetch_batches
         self._tmp = tempfile.TemporaryDirectory(prefix="autobatch-probe-")
         self._workdir = Path(self._tmp.name)
         self._child: _Child | None = None
@@ -608,6 +622,7 @@ class Prober:
                 self._sample_batch_size,
                 self._trial_batch_sizes,
                 self._steps,
+                self._prefetch_batches,
                 self._seed,
             ]
             self._key = hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
@@ -617,7 +632,9 @@ class Prober:
         if self._child is None or self._child.proc.poll() is not None:
             self.cache_key()
             assert self._model_ref is not None
-            self._child = _Child(self._model_ref, timeout_s=self._timeout_s, workdir=self._workdir)
+            self._child = _Child(
+                self._model_ref, timeout_s=self._timeout_s, workdir=self._workdir, shard=self.sample().largest_shard
+            )
         return self._child
 
     def worst_batch(self, batch_size: int) -> _Preprocessed:
@@ -641,7 +658,13 @@ class Prober:
         del arrays, batch
         child = self._child_process()
         reply = child.request(
-            {"cmd": "trial", "arrays": str(path), "structure": structure, "steps": self._steps},
+            {
+                "cmd": "trial",
+                "arrays": str(path),
+                "structure": structure,
+                "steps": self._steps,
+                "prefetch": self._prefetch_batches,
+            },
             rss_limit_bytes=rss_limit_bytes,
         )
         path.unlink(missing_ok=True)
@@ -725,6 +748,9 @@ class Prober:
             model_params=info.get("param_count"),
             baseline_rss_bytes=info.get("baseline_rss_bytes"),
             trials=tuple(trials),
+            trial_prefetch_batches=self._prefetch_batches if trials else 0,
+            trial_holds_shard=bool(trials) and sample.largest_shard is not None,
+            shard_read_peak_bytes=info.get("shard_read_peak_bytes"),
             wall_seconds=time.perf_counter() - start,
             cache_key=self.cache_key(),
         )
