@@ -55,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 Preprocess = Callable[[Any, Any], tuple[Any, Any]]
 DEFAULT_TRIAL_BATCH_SIZES = (8, 32, 128)
+# Part of every cache key: bump it whenever what or how the probe measures changes.
+MEASUREMENT_VERSION = 2
 
 
 # --------------------------------------------------------------------------- results
@@ -615,6 +617,7 @@ class Prober:
             if self._model is not None:
                 self._model_ref, model_fp = _model_ref(self._model, self._workdir)
             parts = [
+                MEASUREMENT_VERSION,
                 self.sample().signature,
                 callable_fingerprint(self._preprocess),
                 model_fp,
