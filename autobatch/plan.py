@@ -18,8 +18,8 @@ and on a GPU the fitted device peak of a real step.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
-import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -136,7 +136,7 @@ class Plan:
     def __str__(self) -> str:
         from rich.console import Console
 
-        console = Console(width=120, record=True, file=open(os.devnull, "w"))
+        console = Console(width=120, record=True, file=io.StringIO())
         console.print(self)
         return console.export_text()
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -230,7 +231,7 @@ class ProbeResult:
     def __str__(self) -> str:
         from rich.console import Console
 
-        console = Console(width=110, record=True, file=open(os.devnull, "w"))
+        console = Console(width=110, record=True, file=io.StringIO())
         console.print(self)
         return console.export_text()
 
