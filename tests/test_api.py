@@ -124,6 +124,7 @@ def test_planned_batch_keeps_a_real_training_run_under_the_limit(long_frame_path
     plan = autobatch.plan(
         frame, "label", preprocess=canonical.preprocess, model=f"{canonical.__file__}:build_model",
         ram_limit=ram_limit, cache=False, trial_batch_sizes=(4, 16, 64),
+        in_process=False,  # the training run is another process, as with the CLI
     )
     # Memory is the limit: the fitted line, or a confirming trial that the watchdog stopped at the limit.
     assert plan.confirmed and (plan.limited_by == "host memory" or "ran out of memory" in plan.limited_by), plan.explanation
