@@ -263,8 +263,36 @@ def _leaves(value: Any, prefix: str, where: str) -> dict[str, np.ndarray]:
     return {prefix: array}
 
 
+def _check_text_column(column: pd.Series, what: str) -> None:
+    """Name the first cell of a column of scalars that is not a number (e.g. "abc" in a CSV column of numbers).
+
+    Raises:
+        DataError: such a cell exists; ``error.row`` is its position in the batch.
+    """
+    values = column.to_numpy()
+    if any(isinstance(v, (list, tuple, np.ndarray, Mapping)) for v in values):
+        return  # sequences: the caller asks for a preprocess that pads them
+    parsed = pd.to_numeric(column, errors="coerce").to_numpy()
+    bad = np.flatnonzero(pd.isna(parsed) & ~pd.isna(column).to_numpy())
+    if len(bad):
+        i = int(bad[0])
+        label = column.index[i]
+        label = label.item() if isinstance(label, np.generic) else label
+        shown = repr(values[i]) if len(repr(values[i])) <= 40 else repr(values[i])[:37] + "..."
+        raise DataError(
+            f"column {column.name!r} of {what} holds {shown} at row {i} of the batch (index label {label!r}), which is "
+            f"not a number ({len(bad)} such cell(s) in this batch). Fix the data, or pass a `preprocess` that encodes it.",
+            row=i,
+        )
+
+
 def default_preprocess(batch_x: Any, batch_y: Any) -> tuple[Any, Any]:
-    """Turn a DataFrame batch into a dict of column arrays; pass arrays through unchanged."""
+    """Turn a DataFrame batch into a dict of column arrays; pass arrays through unchanged.
+
+    Raises:
+        DataError: a column holds text that is not a number (the message names the column and row).
+        PreprocessError: a column holds sequences or other objects, which need a ``preprocess``.
+    """
 
     def convert(value: Any, what: str) -> Any:
         if isinstance(value, pd.DataFrame):
@@ -272,6 +300,7 @@ def default_preprocess(batch_x: Any, batch_y: Any) -> tuple[Any, Any]:
             for name in value.columns:
                 column = value[name]
                 if column.dtype == object or isinstance(column.dtype, pd.StringDtype):
+                    _check_text_column(column, what)
                     raise PreprocessError(
                         f"column {name!r} of {what} holds {column.dtype} values (e.g. variable-length sequences "
                         "or strings); pass a `preprocess` function that turns them into padded numeric arrays."
@@ -279,6 +308,8 @@ def default_preprocess(batch_x: Any, batch_y: Any) -> tuple[Any, Any]:
                 out[str(name)] = column.to_numpy()
             return out
         if isinstance(value, pd.Series):
+            if value.dtype == object or isinstance(value.dtype, pd.StringDtype):
+                _check_text_column(value, what)
             return value.to_numpy()
         return value
 
@@ -299,6 +330,7 @@ def run_preprocess(preprocess: Preprocess, data: InMemoryData, *, where: str) ->
     """Call ``preprocess`` on one batch, measuring its output size and transient peak.
 
     Raises:
+        DataError: autobatch's helpers inside ``preprocess`` found bad data (e.g. a value that is not a number).
         PreprocessError: ``preprocess`` raised, returned something other than
             ``(inputs, targets)``, or changed the number of rows.
     """
@@ -310,6 +342,8 @@ def run_preprocess(preprocess: Preprocess, data: InMemoryData, *, where: str) ->
     before, _ = tracemalloc.get_traced_memory()
     try:
         result = preprocess(batch_x, batch_y)
+    except DataError as exc:  # bad data found by autobatch's helpers: keep the type, add where
+        raise DataError(f"{exc} (on {where})") from exc
     except Exception as exc:
         raise PreprocessError(
             f"preprocess raised {type(exc).__name__}: {exc} on {where}. Fix the function or the data it chokes on."

@@ -84,6 +84,13 @@ def _dtype_depends_on_length(x, y):
     return inputs, targets
 
 
+def _rank_depends_on_length(x, y):
+    inputs, targets = canonical.preprocess(x, y)
+    if inputs["in1"].shape[1] > 100:
+        inputs["in1"] = inputs["in1"][..., 0]
+    return inputs, targets
+
+
 def _raises(x, y):
     raise ValueError("bad row")
 
@@ -97,6 +104,7 @@ def _raises(x, y):
         (_keys_depend_on_length, "different arrays for different batches"),
         (_dtype_depends_on_length, "float64[3-D] on a random batch but float32[3-D] on the batch of smallest rows"),
         (lambda x, y: ({"in1": x["in1"].to_numpy()}, y), "dtype object"),
+        (_rank_depends_on_length, "float32[2-D] on a random batch but float32[3-D] on the batch of smallest rows"),
     ],
 )
 def test_preprocess_errors_say_what_and_where(frame, fn, message):
@@ -109,6 +117,17 @@ def test_default_preprocess_refuses_sequence_columns(frame):
     with pytest.raises(PreprocessError) as excinfo:
         autobatch.probe(frame, "label", cache=False)
     assert "column 'in1'" in str(excinfo.value) and "pass a `preprocess`" in str(excinfo.value)
+
+
+def test_text_in_a_numeric_column_is_a_data_error_naming_column_and_row():
+    df = pd.DataFrame({"a": np.arange(40.0), "label": np.arange(40) % 2}, index=[f"r{i}" for i in range(40)])
+    df["a"] = df["a"].astype(object)
+    df.loc["r21", "a"] = "oops"
+    with pytest.raises(autobatch.DataError) as excinfo:
+        autobatch.probe(df, "label", sample_batch_size=40, cache=False)
+    message = str(excinfo.value)
+    assert "column 'a' of x holds 'oops'" in message and "(index label 'r21')" in message, message
+    assert "not a number" in message and "on a random batch" in message
 
 
 def test_numeric_frame_needs_no_preprocess():

@@ -133,7 +133,16 @@ class InMemoryFeed(BaseFeed):
         rows = self.epoch_order()[lo:hi]
         batch_x, batch_y = self.data.take(rows)
         weights = self.sample_weight[rows] if self.sample_weight is not None else None
-        return RawBatch(batch_x, batch_y, weights, "")
+        return RawBatch(batch_x, batch_y, weights, "", origin=lambda p: self._describe_row(int(rows[p])))
+
+    def _describe_row(self, row: int) -> str:
+        """``row`` (a position in the data) as a message names it, with its index label for a DataFrame."""
+        text = f"row {row} of the data"
+        index = getattr(self.data.x, "index", None)
+        if index is not None:
+            label = index[row]
+            text += f" (index label {label.item() if isinstance(label, np.generic) else label!r})"
+        return text
 
     def split(self, validation_split: float, *, seed: int | None = None) -> tuple[InMemoryFeed, InMemoryFeed]:
         """Split off a random ``validation_split`` fraction of the rows as a validation feed.
