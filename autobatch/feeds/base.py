@@ -170,7 +170,7 @@ class BaseFeed(keras.utils.PyDataset):
         self._warned_bytes = False
         self._warned: set[str] = set()
         self._failure: AutobatchError | None = None
-        self._pass: tuple[object, list[int]] | None = None
+        self._pass: list[tuple[int, int]] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Locks, threads and caches stay behind; Keras' multiprocessing workers rebuild them.
@@ -457,9 +457,16 @@ class BaseFeed(keras.utils.PyDataset):
     def step_rows(self, step: int) -> int | None:
         """Rows in element ``step`` of the latest ``to_tf_dataset`` pass (``None`` if that pass has not produced it)."""
         current = self._pass
-        if current is None or not 0 <= step < len(current[1]):
+        if current is None or not 0 <= step < len(current):
             return None
-        return current[1][step]
+        return current[step][0]
+
+    def step_pieces(self, step: int) -> int | None:
+        """How many pieces the batch of element ``step`` of the latest ``to_tf_dataset`` pass was cut into."""
+        current = self._pass
+        if current is None or not 0 <= step < len(current):
+            return None
+        return current[step][1]
 
     def _pop_failure(self) -> AutobatchError | None:
         """The autobatch error that stopped the latest ``to_tf_dataset`` pass, once (TensorFlow re-wraps it)."""
@@ -570,9 +577,9 @@ class BaseFeed(keras.utils.PyDataset):
             return converted
 
         def generate() -> Iterator[tuple[Any, ...]]:
-            rows_log: list[int] = []
+            rows_log: list[tuple[int, int]] = []
             with self._lock:
-                self._pass = (object(), rows_log)  # what the monitor reads: rows of each element, in order
+                self._pass = rows_log  # what the monitor reads: (rows, pieces of its batch) of each element, in order
             try:
                 yield from self._pass_elements(as_tf, rows_log, adaptive)
             except AutobatchError as exc:
@@ -590,17 +597,21 @@ class BaseFeed(keras.utils.PyDataset):
         return dataset
 
     def _pass_elements(
-        self, as_tf: Callable[[tuple[Any, ...], int], tuple[Any, ...]], rows_log: list[int], adaptive: bool
+        self,
+        as_tf: Callable[[tuple[Any, ...], int], tuple[Any, ...]],
+        rows_log: list[tuple[int, int]],
+        adaptive: bool,
     ) -> Iterator[tuple[Any, ...]]:
         """One epoch's elements: each batch whole, or (``adaptive``) in ``self.pieces`` pieces."""
         count = len(self)
         for i in range(count):
             lo, hi = self.batch_bounds(i)
-            pieces = min(self._pieces, hi - lo) if adaptive else 1
+            split = self._pieces if adaptive else 1
+            pieces = min(split, hi - lo)
             cuts = np.linspace(lo, hi, pieces + 1).round().astype(np.int64)
             for j in range(pieces):
                 element = as_tf(self._serve(int(cuts[j]), int(cuts[j + 1]), i), i)
-                rows_log.append(int(cuts[j + 1] - cuts[j]))
+                rows_log.append((int(cuts[j + 1] - cuts[j]), split))
                 if i == count - 1 and j == pieces - 1:
                     # The epoch is complete once its last batch exists: advance now, not after the consumer asks
                     # for one more element (Keras stops at the known count and may never ask).
