@@ -207,6 +207,27 @@ def test_second_probe_answers_from_cache_and_corrupt_entries_are_rebuilt(frame):
     assert not third.from_cache and json.loads(entry.read_text())["key"] == first.cache_key
 
 
+def test_a_cache_entry_that_parses_but_is_not_a_result_is_rebuilt(frame):
+    first = autobatch.probe(frame, "label", preprocess=canonical.preprocess)
+    entry = cache_dir() / f"{first.cache_key}.json"
+    for broken in ({"n_samples": 300}, {**first.to_dict(), "trials": "not a list"}, {**first.to_dict(), "n_samples": 0}):
+        entry.write_text(json.dumps({"format": 1, "key": first.cache_key, "value": broken}))
+        again = autobatch.probe(frame, "label", preprocess=canonical.preprocess)
+        assert not again.from_cache and again.worst_preprocessed_bytes_per_sample == first.worst_preprocessed_bytes_per_sample
+        assert json.loads(entry.read_text())["value"]["n_samples"] == len(frame), "rewritten with a valid result"
+
+
+def test_cache_writes_are_atomic_and_leave_no_temp_files(tmp_path):
+    from autobatch import _cache
+
+    assert _cache.store("k", {"a": 1}, tmp_path) == tmp_path / "k.json"
+    (tmp_path / ".k.crashed.tmp").write_text('{"format": 1, "key": "k", "value": {"a": 2}')  # an interrupted write
+    assert _cache.load("k", tmp_path) == {"a": 1}, "a temp file is never read"
+    assert _cache.store("k", {"a": object()}, tmp_path) is None  # cannot be written: logged, not raised
+    assert _cache.load("k", tmp_path) == {"a": 1}, "the old entry survives a failed write"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".k.crashed.tmp", "k.json"], "the failed write cleaned up"
+
+
 def test_cache_key_changes_with_preprocess_and_data(frame):
     a = autobatch.probe(frame, "label", preprocess=canonical.preprocess)
     b = autobatch.probe(frame.iloc[:200], "label", preprocess=canonical.preprocess)
