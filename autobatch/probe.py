@@ -177,6 +177,21 @@ class ProbeResult:
         return dataclasses.asdict(self)
 
     @classmethod
+    def load_cached(cls, key: str, directory: str | os.PathLike[str] | None = None) -> ProbeResult | None:
+        """The cached result for ``key``, or ``None`` when absent or not a valid result (then it is measured again)."""
+        cached = _cache.load(key, directory)
+        if cached is None:
+            return None
+        try:
+            result = cls.from_dict(cached)
+            if not isinstance(result.n_samples, int) or result.n_samples < 1 or not result.output_signature:
+                raise ValueError(f"it holds n_samples={result.n_samples!r} and no output signature")
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            logger.warning("ignoring an invalid probe cache entry %s (%s); it will be rebuilt", key, exc)
+            return None
+        return dataclasses.replace(result, from_cache=True)
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ProbeResult:
         fields = dict(data)
         fields["output_signature"] = tuple(
@@ -858,9 +873,9 @@ def probe(
     ) as prober:
         key = prober.cache_key()
         if cache:
-            cached = _cache.load(key, cache_dir)
+            cached = ProbeResult.load_cached(key, cache_dir)
             if cached is not None:
-                return dataclasses.replace(ProbeResult.from_dict(cached), from_cache=True)
+                return cached
         result = prober.measure()
         if cache:
             _cache.store(key, result.to_dict(), cache_dir)

@@ -937,3 +937,105 @@ def test_truncation_to_maxlen_is_reported_and_counted_over_the_epoch() -> None:
     assert "'in1' cut to 8: 2" in str(record[0].message)
     assert feed.stats.truncated_sequences == int((lengths > 8).sum()) == 4
     assert feed.stats.truncated_by_column == {"in1": 4}
+
+
+# --------------------------------------------------------------------------- no data loss: interrupted epochs
+
+
+def _fail_once_at(error: BaseException):
+    """A preprocess that raises `error` the first time it meets one of the ids in `state["ids"]` while armed."""
+    state = {"armed": True}
+
+    def preprocess(batch_x: pd.DataFrame, batch_y: pd.Series):
+        if state["armed"] and batch_x["id"].isin(state["ids"]).any():
+            state["armed"] = False
+            raise error
+        return {"id": batch_x["id"].to_numpy()}, batch_y.to_numpy()
+
+    return preprocess, state
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("disk hiccup")], ids=["ctrl-c", "exception"])
+@pytest.mark.parametrize("kind", ["in_memory", "shards"])
+def test_an_interrupted_epoch_is_served_again_whole(tmp_path: Path, kind: str, error: BaseException) -> None:
+    frame = table(100)
+    preprocess, state = _fail_once_at(error)
+    if kind == "shards":
+        feed = ShardFeed(write_shards(frame, tmp_path / "pq", SIZES, "parquet"), "label", batch_size=10,
+                         preprocess=preprocess, seed=5)
+    else:
+        feed = InMemoryFeed(frame, "label", batch_size=10, preprocess=preprocess, seed=5)
+    state["armed"] = False
+    planned = [np.asarray(feed[i][0]["id"]) for i in range(len(feed))]  # the epoch's batches, as they will be served
+    state["armed"], state["ids"] = True, planned[4]
+    expected = (PreprocessError,) if isinstance(error, Exception) else (KeyboardInterrupt,)
+    with pytest.raises(expected):
+        for i in range(len(feed)):
+            feed[i]
+    assert feed.epoch == 0, "an interrupted epoch does not count"
+    again = epoch_ids(feed)  # the same epoch from its first batch, then on to the next
+    for got, want in zip(again, planned, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert_exactly_once(again, frame["id"].to_numpy())
+    assert_exactly_once(epoch_ids(feed), frame["id"].to_numpy())
+    if kind == "shards":
+        feed.close()
+
+
+def test_an_interrupted_tf_data_pass_leaves_the_epoch_to_be_served_again(tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    frame = table(100)
+    preprocess, state = _fail_once_at(ValueError("bad batch"))
+    feed = ShardFeed(write_shards(frame, tmp_path / "pq", SIZES, "parquet"), "label", batch_size=10,
+                     preprocess=preprocess, seed=2)
+    state["armed"] = False
+    state["ids"] = np.asarray(feed[6][0]["id"])
+    dataset = feed.to_tf_dataset(infer_batches=1, prefetch=2)
+    state["armed"] = True
+    with pytest.raises(tf.errors.UnknownError, match="preprocess raised ValueError: bad batch on batch 6"):
+        list(dataset.as_numpy_iterator())
+    assert feed.epoch == 0 and isinstance(feed._pop_failure(), PreprocessError)
+    first = [x["id"] for x, _ in dataset.as_numpy_iterator()]
+    assert feed.epoch == 1, "a complete pass is an epoch"
+    assert_exactly_once(first, frame["id"].to_numpy())
+    second = [x["id"] for x, _ in dataset.as_numpy_iterator()]
+    assert_exactly_once(second, frame["id"].to_numpy())
+    assert not np.array_equal(np.concatenate(first), np.concatenate(second))
+    feed.close()
+
+
+def test_keras_fit_interrupted_by_ctrl_c_resumes_with_a_whole_epoch() -> None:
+    keras.utils.set_random_seed(0)
+    frame = table(200)
+    served, recording = [], [True]
+
+    def preprocess(batch_x: pd.DataFrame, batch_y: pd.Series):
+        if recording[0]:
+            served.extend(batch_x["id"].tolist())
+        return {"a": batch_x["a"].to_numpy(), "b": batch_x["b"].to_numpy()}, batch_y.to_numpy("float32")
+
+    feed = InMemoryFeed(frame, "label", batch_size=16, preprocess=preprocess, seed=1)
+    dataset = feed.to_tf_dataset(prefetch=2)
+    a, b = keras.Input((), name="a"), keras.Input((), name="b")
+    joined = keras.layers.Concatenate()([keras.layers.Reshape((1,))(a), keras.layers.Reshape((1,))(b)])
+    model = keras.Model({"a": a, "b": b}, keras.layers.Dense(1, activation="sigmoid")(joined))
+    model.compile("sgd", "binary_crossentropy")
+
+    class CtrlC(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 5:
+                raise KeyboardInterrupt  # what Ctrl-C raises in the main thread, between two steps
+
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(dataset, epochs=3, verbose=0, callbacks=[CtrlC()])
+    assert feed.epoch == 0, "the interrupted epoch 0 is not over"
+    import gc
+
+    gc.collect()
+    del served[:]
+    history = model.fit(dataset, epochs=2, verbose=0)
+    assert len(history.history["loss"]) == 2 and feed.epoch == 2
+    assert len(served) == 2 * 200
+    for epoch in range(2):
+        assert sorted(served[epoch * 200 : (epoch + 1) * 200]) == list(range(200))
