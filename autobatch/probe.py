@@ -578,6 +578,13 @@ def _model_ref(model: Any, workdir: Path) -> tuple[dict[str, Any], str]:
     return {"kind": "file", "path": str(path)}, hashlib.sha256(config.encode()).hexdigest()[:16]
 
 
+def _oom_summary(error: str) -> str:
+    """The line of an out-of-memory error that says what failed (TensorFlow's carry a long graph traceback)."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    line = next((line for line in lines if line.startswith("OOM when allocating")), lines[0] if lines else error)
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
 def _device_key() -> str:
     totals = gpu_memory_totals()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
@@ -736,7 +743,7 @@ class Prober:
                 note=f"stopped: child RSS passed the limit of {format_bytes(rss_limit_bytes)}",
             )
         if reply.get("oom"):
-            return StepTrial(batch_size, None, fits=False, note=f"out of memory: {reply.get('error')}")
+            return StepTrial(batch_size, None, fits=False, note=f"out of memory: {_oom_summary(str(reply.get('error')))}")
         if reply.get("died"):
             code = reply.get("returncode")
             if code is not None and code < 0:

@@ -185,6 +185,60 @@ def test_trial_over_its_memory_limit_is_stopped_and_reported(frame, small_model_
         assert again.fits and again.peak_rss_bytes > 64 * 1024**2
 
 
+class _DataLimitedProber:
+    """Confirms with the real prober, after capping the child's heap (RLIMIT_DATA) just above what it holds now.
+
+    A trial that needs more than ``allowance_bytes`` then really runs out of memory inside the child (malloc
+    fails: TensorFlow reports it or the child dies of it), with no watchdog involved; a child started to replace
+    a dead one gets the same cap.
+    """
+
+    def __init__(self, prober, allowance_bytes):
+        self.prober = prober
+        self.allowance_bytes = allowance_bytes
+        self.tried = []
+
+    def confirm(self, result, batch_size, *, rss_limit_bytes):
+        import resource
+
+        pid = self.prober._child_process().proc.pid
+        with open(f"/proc/{pid}/status") as fh:
+            data = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmData:"))
+        cap = data + self.allowance_bytes
+        resource.prlimit(pid, resource.RLIMIT_DATA, (cap, resource.RLIM_INFINITY))  # soft: may be moved again
+        self.tried.append(batch_size)
+        return self.prober.confirm(result, batch_size, rss_limit_bytes=None)
+
+
+def test_a_trial_that_really_runs_out_of_memory_steps_the_plan_down():
+    import keras
+
+    from autobatch._memory import Budget
+    from autobatch.api import confirm_plan
+
+    # 32 MiB of activations per 1024 samples: large batches need far more than the child's cap allows.
+    inputs = keras.Input((512,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Dense(8192, activation="relu")(inputs)))
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.random.default_rng(0).standard_normal((4096, 512)).astype(np.float32)
+    y = np.zeros((4096, 1), np.float32)
+    with Prober(x, y, model=model, trial_batch_sizes=(8, 32)) as prober:
+        measured = prober.measure()
+        limited = _DataLimitedProber(prober, allowance_bytes=96 * 1024**2)
+        budgets = [Budget("host", 64 * 1024**3, "test")]  # the budget allows everything: only the real OOM limits
+        plan, final = confirm_plan(limited, measured, budgets, queue_batches=0, multiple_of=512)
+    failed = [t for t in final.trials if not t.fits]
+    assert failed, [(t.batch_size, t.note) for t in final.trials]
+    assert all("out of memory" in t.note or "killed by signal" in t.note for t in failed), [t.note for t in failed]
+    # Each failure bisects below it; the plan is a size that really trained under the cap.
+    sizes = [t.batch_size for t in failed]
+    assert sizes == sorted(sizes, reverse=True) and limited.tried[0] == 4096
+    assert plan.confirmed and plan.batch_size < min(sizes)
+    assert any(t.fits and t.batch_size == plan.confirmed_batch_size for t in final.trials[2:])
+    assert "does not fit" in str(final)
+    print(f"real OOM at {sizes} ({[t.note for t in failed]}); confirmed batch {plan.batch_size} (tried {limited.tried})")
+
+
 def test_hanging_child_is_killed_after_the_timeout(frame, tmp_path, monkeypatch):
     (tmp_path / "slow.py").write_text("import time\ndef build():\n    time.sleep(60)\n")
     monkeypatch.chdir(tmp_path)
