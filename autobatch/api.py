@@ -352,6 +352,8 @@ def fit(
         x, y, preprocess=preprocess, shuffle=shuffle, seed=seed, validation_split=validation_split, nan_policy=nan_policy
     )
     train, validation = feeds if isinstance(feeds, tuple) else (feeds, None)
+    if fit_kwargs.get("initial_epoch"):
+        train.set_epoch(int(fit_kwargs["initial_epoch"]))  # a resumed run sees the orders the whole run would have
     if isinstance(validation_data, tuple) and len(validation_data) == 2:
         validation = chosen.feed(*validation_data, preprocess=preprocess, shuffle=False, nan_policy=nan_policy)
     elif validation_data is not None:

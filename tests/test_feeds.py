@@ -506,9 +506,12 @@ def test_bad_csv_shard_is_named(tmp_path: Path, content: bytes, expected: str) -
     assert "2.csv" in str(excinfo.value)
 
 
-def test_corrupt_parquet_shard_is_named(tmp_path: Path) -> None:
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_parquet_shard_is_named(tmp_path: Path, damage: str) -> None:
     folder = write_shards(table(20), tmp_path / "pq", (10, 10), "parquet")
-    (folder / "1.parquet").write_bytes(b"PAR1 this is not really parquet")
+    content = (folder / "1.parquet").read_bytes()
+    # A file cut short (an interrupted copy) has lost its footer, as surely as garbage has none.
+    (folder / "1.parquet").write_bytes(b"PAR1 this is not really parquet" if damage == "garbage" else content[: len(content) // 2])
     with pytest.raises(DataError, match="cannot read shard") as excinfo:
         ShardFeed(folder, "label", batch_size=4)
     assert "1.parquet" in str(excinfo.value)
