@@ -39,6 +39,9 @@ class InMemoryFeed(BaseFeed):
             every batch is checked against it, and :meth:`to_tf_dataset` uses it.
         max_batch_bytes: the probe's worst-case bytes of one preprocessed batch;
             a larger batch logs one warning.
+        nan_policy: a batch holding NaN or inf after ``preprocess``: ``"warn"``
+            (once per array; counted in ``stats.nonfinite_batches``), ``"error"``
+            (a ``DataError`` naming the array, the batch and the row) or ``"ignore"``.
         workers: Keras ``PyDataset`` workers (threads unless ``use_multiprocessing``).
         use_multiprocessing: let Keras use processes (the feed must pickle).
         max_queue_size: batches Keras keeps waiting when ``workers`` > 1.

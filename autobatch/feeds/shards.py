@@ -114,7 +114,7 @@ class ShardFeed(BaseFeed):
         drop_remainder: drop the last, smaller batch of each epoch.
         sample_weight: a column holding per-row weights, returned as the third element.
         read_ahead: files loaded in the background ahead of the current one.
-        output_signature, max_batch_bytes, workers, use_multiprocessing, max_queue_size:
+        output_signature, max_batch_bytes, nan_policy, workers, use_multiprocessing, max_queue_size:
             as for :class:`~autobatch.feeds.InMemoryFeed`.
 
     Raises:
