@@ -18,7 +18,7 @@ from autobatch.errors import (
     PreprocessError,
     ProbeError,
 )
-from autobatch.padding import bucket_length, pad_columns, pad_sequences_batch
+from autobatch.padding import bucket_length, count_truncations, pad_columns, pad_sequences_batch
 from autobatch.plan import BudgetUse, Plan, make_plan
 from autobatch.probe import ProbeResult, StepTrial, TensorSpec, probe
 
@@ -70,6 +70,7 @@ __all__ = [
     "StepTrial",
     "TensorSpec",
     "bucket_length",
+    "count_truncations",
     "fit",
     "format_bytes",
     "make_feed",

@@ -40,16 +40,32 @@ def load(key: str, directory: str | os.PathLike[str] | None = None) -> dict[str,
 
 
 def store(key: str, value: dict[str, Any], directory: str | os.PathLike[str] | None = None) -> Path | None:
-    """Write an entry atomically (temp file + rename); failures only log, they never break a probe."""
+    """Write an entry atomically (temp file, fsync, rename); failures only log, they never break a probe.
+
+    A reader sees the old entry or the new one, never a partial file; a temp file
+    left by a failed or interrupted write is removed (it is never read: its name
+    starts with a dot and ends in ``.tmp``).
+    """
     folder = cache_dir(directory)
+    tmp: str | None = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"format": _FORMAT, "key": key, "value": value})
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".tmp")
         with os.fdopen(fd, "w") as fh:
-            json.dump({"format": _FORMAT, "key": key, "value": value}, fh)
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
         path = folder / f"{key}.json"
         os.replace(tmp, path)
+        tmp = None
         return path
-    except OSError as exc:
+    except (OSError, TypeError, ValueError) as exc:
         logger.warning("cannot write the probe cache in %s: %s", folder, exc)
         return None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass

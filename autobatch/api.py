@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import math
 import os
 import warnings
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from autobatch import _cache
 from autobatch._memory import Budget, gpu_budget, host_budget, rss_bytes
 from autobatch.plan import Plan, make_plan
-from autobatch.errors import ConfigError
+from autobatch.errors import AutobatchError, ConfigError
 from autobatch.probe import Preprocess, Prober, ProbeResult
 
 if TYPE_CHECKING:
@@ -155,9 +154,8 @@ def plan(
         result: ProbeResult | None = None
         if cache:
             for key in (plan_key, probe_key):
-                cached = _cache.load(key, cache_dir)
-                if cached is not None:
-                    result = dataclasses.replace(ProbeResult.from_dict(cached), from_cache=True)
+                result = ProbeResult.load_cached(key, cache_dir)
+                if result is not None:
                     break
         if result is None:
             result = prober.measure()
@@ -194,6 +192,48 @@ def _optimizer_with_accumulation(model: Any, steps: int) -> None:
     optimizer.gradient_accumulation_steps = steps
 
 
+def _keep_effective_batch(model: Any, feed: Any, base_steps: int) -> Any:
+    """A callback that scales gradient accumulation with the pieces an adaptive feed cuts its batches into.
+
+    When the feed serves each batch in ``k`` pieces, each optimizer update must
+    accumulate ``base_steps × k`` steps to average as many samples as before. The
+    step count is part of the traced train function, so it is retraced once per change.
+    """
+    import keras
+
+    class KeepEffectiveBatch(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.applied = 1
+
+        def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+            # The element of this step is produced (and logged) ahead of the step by the prefetching pipeline. At an
+            # epoch's start the log may still be the previous pass's; pieces never decrease, so that is never larger.
+            split = feed.step_pieces(batch)
+            if split is None or split <= self.applied:
+                return
+            steps = base_steps * split
+            logger.warning(
+                "keeping the effective batch: the optimizer now accumulates gradients over %d steps of at most %d samples",
+                steps,
+                math.ceil(feed.batch_size / split),
+            )
+            model.optimizer.gradient_accumulation_steps = steps
+            model.make_train_function(force=True)
+            self.applied = split
+
+    return KeepEffectiveBatch()
+
+
+def _feed_failure(*feeds: Any) -> AutobatchError | None:
+    """The autobatch error a feed raised inside tf.data (TensorFlow re-raises it as its own error type)."""
+    for feed in feeds:
+        failure = feed._pop_failure() if hasattr(feed, "_pop_failure") else None
+        if failure is not None:
+            return failure
+    return None
+
+
 def fit(
     model: Any,
     x: Any,
@@ -211,7 +251,10 @@ def fit(
     callbacks: Sequence[Any] | None = None,
     shuffle: bool = True,
     seed: int = 0,
+    nan_policy: Literal["warn", "error", "ignore"] = "warn",
+    adaptive: bool = False,
     monitor: bool = True,
+    monitor_options: Mapping[str, Any] | None = None,
     log_path: str | os.PathLike[str] | None = None,
     console: Console | None = None,
     cache: bool = True,
@@ -243,7 +286,18 @@ def fit(
         shuffle: reshuffle every epoch (the feed does it; Keras's own shuffle is off).
             Also accepted inside ``fit_kwargs`` as ``model.fit`` spells it.
         seed: for shuffling and the validation split.
+        nan_policy: what a batch holding NaN or inf after ``preprocess`` does:
+            ``"warn"`` (once per array, then counted), ``"error"`` (a ``DataError``
+            naming the array and the row) or ``"ignore"``.
+        adaptive: when the monitor sees the memory headroom fall below the safety
+            margin (another process took memory), cut the following batches into
+            smaller pieces instead of risking the OS killing training. With gradient
+            accumulation in the plan (``target_batch_size``), the accumulation steps
+            grow with it so each update still averages the same number of samples.
+            Every sample is still seen exactly once per epoch.
         monitor: attach the live :class:`MemoryMonitor`.
+        monitor_options: more keyword arguments for the :class:`MemoryMonitor`
+            (``warn_at``, ``min_headroom_bytes``, ``interval_s``, ``reader``, ...).
         log_path: the monitor's JSON-lines log, for ``autobatch report``.
         console: where the plan, the monitor and the summary are drawn.
         cache: reuse an identical earlier probe.
@@ -255,7 +309,8 @@ def fit(
 
     Raises:
         AutobatchError: a subclass saying what is wrong with the data, the
-            preprocessing, the model or the budget.
+            preprocessing, the model or the budget, also when a batch fails
+            inside ``model.fit`` (TensorFlow's wrapping error is its context).
 
     Example:
         >>> history = autobatch.fit(model, df, "label", preprocess=pad, epochs=3, ram_limit="8GiB")
@@ -277,6 +332,8 @@ def fit(
         shuffle = bool(fit_kwargs.pop("shuffle"))
     if validation_data is not None and validation_split is not None:
         raise ConfigError("pass either `validation_data` or `validation_split`, not both.")
+    if adaptive and not monitor:
+        raise ConfigError("adaptive=True needs the monitor (monitor=True): it is what watches the memory headroom.")
     console = console or RichConsole()
     chosen = plan(
         x,
@@ -291,10 +348,14 @@ def fit(
         cache=cache,
     )
     console.print(chosen)
-    feeds = chosen.feed(x, y, preprocess=preprocess, shuffle=shuffle, seed=seed, validation_split=validation_split)
+    feeds = chosen.feed(
+        x, y, preprocess=preprocess, shuffle=shuffle, seed=seed, validation_split=validation_split, nan_policy=nan_policy
+    )
     train, validation = feeds if isinstance(feeds, tuple) else (feeds, None)
+    if fit_kwargs.get("initial_epoch"):
+        train.set_epoch(int(fit_kwargs["initial_epoch"]))  # a resumed run sees the orders the whole run would have
     if isinstance(validation_data, tuple) and len(validation_data) == 2:
-        validation = chosen.feed(*validation_data, preprocess=preprocess, shuffle=False)
+        validation = chosen.feed(*validation_data, preprocess=preprocess, shuffle=False, nan_policy=nan_policy)
     elif validation_data is not None:
         validation = validation_data
     if chosen.gradient_accumulation_steps > 1:
@@ -302,23 +363,38 @@ def fit(
     all_callbacks = list(callbacks or [])
     watcher = None
     if monitor:
-        watcher = MemoryMonitor(chosen, console=console, log_path=log_path, feed=train)
+        options = {"console": console, "log_path": log_path, "feed": train, "adaptive": adaptive, **(monitor_options or {})}
+        watcher = MemoryMonitor(chosen, **options)
         all_callbacks.insert(0, watcher)
+    if adaptive and chosen.gradient_accumulation_steps > 1:
+        all_callbacks.insert(0, _keep_effective_batch(model, train, chosen.gradient_accumulation_steps))
     # Keras infers a PyDataset's signature from its first two batches and would fix a padded axis that
     # happened to match; the probe's signature marks the axes that vary. Prefetch what the plan budgets.
     signature = chosen.probe.output_signature
-    train_data = train.to_tf_dataset(signature, prefetch=max(chosen.queue_batches, 1))
+    train_data = train.to_tf_dataset(signature, prefetch=max(chosen.queue_batches, 1), adaptive=adaptive)
     if isinstance(validation, BaseFeed):
         validation = validation.to_tf_dataset(signature, prefetch=1)
-    history = model.fit(
-        train_data,
-        epochs=epochs,
-        validation_data=validation,
-        callbacks=all_callbacks,
-        verbose=verbose,
-        shuffle=False,  # the feed reshuffles every epoch itself
-        **fit_kwargs,
-    )
+    fed = [feed for feed in (train, validation) if isinstance(feed, BaseFeed)]
+    _feed_failure(*fed)  # forget failures of earlier passes
+    try:
+        with warnings.catch_warnings():
+            if adaptive:
+                # An adaptive epoch ends when its rows are served, before the upper-bound count Keras was told.
+                warnings.filterwarnings("ignore", message="Your input ran out of data", category=UserWarning)
+            history = model.fit(
+                train_data,
+                epochs=epochs,
+                validation_data=validation,
+                callbacks=all_callbacks,
+                verbose=verbose,
+                shuffle=False,  # the feed reshuffles every epoch itself
+                **fit_kwargs,
+            )
+    except Exception:
+        failure = _feed_failure(*fed)
+        if failure is not None:
+            raise failure  # the DataError/PreprocessError naming the batch, not TensorFlow's wrapper
+        raise
     history.autobatch_plan = chosen
     history.autobatch_summary = watcher.summary if watcher is not None else None
     return history

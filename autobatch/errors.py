@@ -24,7 +24,18 @@ class ConfigError(AutobatchError, ValueError):
 
 
 class DataError(AutobatchError, ValueError):
-    """The data is missing, empty, unreadable or inconsistent."""
+    """The data is missing, empty, unreadable or inconsistent.
+
+    Args:
+        message: what is wrong, where, and what to do.
+        row: position, within the batch a helper was given, of the row at fault
+            (e.g. the sequence :func:`autobatch.pad_columns` could not parse). A
+            feed turns it into the file and row the sample came from.
+    """
+
+    def __init__(self, message: str = "", *, row: int | None = None) -> None:
+        super().__init__(message)
+        self.row = row
 
 
 class PreprocessError(AutobatchError):

@@ -5,6 +5,13 @@ The display pulls state: a daemon thread samples memory a few times a second
 counters. In a non-interactive terminal (CI logs, ``nohup``) it prints one
 concise line every ``line_interval_s`` instead of redrawing. The memory reader,
 the clock and the console are injectable so tests drive it with fakes.
+
+Besides the budget, it watches the headroom: the memory the system (or the
+cgroup) can still give, less what the plan still expects this process to grow
+by. When another process takes memory and the headroom falls below the plan's
+safety margin, it warns; with ``adaptive=True`` it also asks the feed to cut
+the following batches into smaller pieces (:meth:`autobatch.BaseFeed.shrink`),
+so training continues in less memory instead of being killed by the OS.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from rich.table import Table
 
 from autobatch._memory import peak_rss_bytes, read_cgroup_memory, rss_bytes
 from autobatch._units import format_bytes
+from autobatch.errors import ConfigError
 from autobatch.plan import Plan
 
 logger = logging.getLogger(__name__)
@@ -82,6 +90,12 @@ class MonitorSummary:
     feed_seconds: float | None
     """Time the feed spent producing batches, when the feed reports it (may overlap steps)."""
     warnings: tuple[str, ...]
+    truncated_sequences: int | None = None
+    """Sequences ``preprocess`` cut to a fixed ``maxlen`` (autobatch's padding helpers), when the feed counts them."""
+    shrinks: int = 0
+    """Times low headroom made the feed cut batches into smaller pieces (``adaptive=True``)."""
+    smallest_batch_size: int | None = None
+    """The largest batch served after the last shrink (``None``: never shrunk)."""
 
     @property
     def samples_per_second(self) -> float:
@@ -107,6 +121,10 @@ class MonitorSummary:
         table.add_row("time between steps", f"{self.between_steps_seconds:.2f} s", "", "")
         if self.feed_seconds is not None:
             table.add_row("feed producing batches", f"{self.feed_seconds:.2f} s", "", "")
+        if self.truncated_sequences:
+            table.add_row("sequences cut to maxlen", f"{self.truncated_sequences:,}", "", "")
+        if self.shrinks:
+            table.add_row("batches shrunk (low headroom)", f"{self.shrinks}× to {self.smallest_batch_size:,}", "", "")
         if self.warnings:
             table.caption = f"{len(self.warnings)} memory warning(s): {self.warnings[-1]}"
         return table
@@ -131,6 +149,20 @@ class MemoryMonitor(keras.callbacks.Callback):
         reader: returns a :class:`MemoryReading` (default :func:`read_memory`).
         clock: monotonic seconds (default ``time.monotonic``).
         background: sample from a daemon thread; ``False`` leaves sampling to ``tick()`` calls.
+        min_headroom_bytes: warn when the headroom (available memory less the plan's
+            predicted growth of this process) falls below this; default: the plan's
+            safety margin on the host budget (``safety`` × the limit). ``None``
+            without a plan: no headroom check.
+        adaptive: on low headroom also call ``feed.shrink()``, so the following batches
+            are served in smaller pieces (the feed must come from
+            ``to_tf_dataset(adaptive=True)``, as :func:`autobatch.fit` builds it).
+            It shrinks once when the headroom first falls, and again only if
+            available memory keeps falling by half a margin after at least
+            ``adapt_after_steps`` more steps.
+        adapt_after_steps: training steps between two shrinks.
+
+    Raises:
+        ConfigError: ``warn_at`` is out of range, or ``adaptive`` without a feed that can shrink.
 
     Example:
         >>> model.fit(feed, epochs=3, verbose=0, callbacks=[autobatch.MemoryMonitor(plan)])
@@ -152,10 +184,18 @@ class MemoryMonitor(keras.callbacks.Callback):
         reader: Callable[[], MemoryReading] = read_memory,
         clock: Callable[[], float] = time.monotonic,
         background: bool = True,
+        min_headroom_bytes: int | None = None,
+        adaptive: bool = False,
+        adapt_after_steps: int = 4,
     ) -> None:
         super().__init__()
         if not 0 < warn_at <= 1:
-            raise ValueError(f"`warn_at` must be in (0, 1]. Received: warn_at={warn_at}")
+            raise ConfigError(f"`warn_at` must be in (0, 1]. Received: warn_at={warn_at}")
+        if adaptive and not callable(getattr(feed, "shrink", None)):
+            raise ConfigError(
+                "adaptive=True shrinks the feed's batches on low headroom, so pass the feed (feed=...) "
+                f"that training reads from. Received: feed={feed!r}"
+            )
         self.plan = plan
         host = plan.budget("host") if plan is not None else None
         gpu = plan.budget("gpu") if plan is not None else None
@@ -163,6 +203,11 @@ class MemoryMonitor(keras.callbacks.Callback):
         self.gpu_budget_bytes = gpu.budget.limit_bytes if gpu is not None else None
         self._host_source = host.budget.source if host is not None else "host_budget_bytes"
         self.batch_size = plan.batch_size if plan is not None else batch_size
+        if min_headroom_bytes is None and host is not None:
+            min_headroom_bytes = host.budget.limit_bytes - host.usable_bytes
+        self.min_headroom_bytes = min_headroom_bytes
+        self.adaptive = adaptive
+        self.adapt_after_steps = adapt_after_steps
         self.warn_at = warn_at
         self.interval_s = interval_s
         self.line_interval_s = line_interval_s
@@ -197,6 +242,8 @@ class MemoryMonitor(keras.callbacks.Callback):
         self._batch_ended: float | None = None
         self._over: set[str] = set()
         self._warnings: list[str] = []
+        self._pressure: tuple[int, int] | None = None  # (available bytes, steps done) at the last shrink or warning
+        self._shrinks = 0
 
     def _budget_checks(self, reading: MemoryReading) -> list[tuple[str, int, int, str]]:
         checks = []
@@ -230,6 +277,7 @@ class MemoryMonitor(keras.callbacks.Callback):
             elif used < (self.warn_at - 0.05) * budget:
                 # Re-arm only after a clear drop, so hovering at the threshold warns once, not every reading.
                 self._over.discard(kind)
+        self._check_headroom(reading)
         if self._log is not None:
             record = {"t": round(now - self._start, 3), "epoch": self._epoch, "step": self._step, **dataclasses.asdict(reading)}
             record["samples_per_s"] = round(self._samples_per_second(now), 2)
@@ -240,13 +288,65 @@ class MemoryMonitor(keras.callbacks.Callback):
             self.console.print(self._line(reading, now), highlight=False, soft_wrap=True)
         return reading
 
+    def _steps_total(self) -> int | None:
+        # An adaptive feed's epochs have as many steps as pieces; Keras is told an upper bound, not worth showing.
+        if self.adaptive or not self.params:
+            return None
+        return self.params.get("steps")
+
+    def headroom_bytes(self, reading: MemoryReading) -> int:
+        """Available memory less what the plan still expects this process to grow by (its predicted peak less the peak so far)."""
+        growth = 0
+        if self.plan is not None:
+            growth = max(self.plan.predicted_peak_bytes - max(self._peak_rss, reading.peak_rss_bytes), 0)
+        return reading.available_bytes - growth
+
+    def _check_headroom(self, reading: MemoryReading) -> None:
+        margin = self.min_headroom_bytes
+        if not margin:
+            return
+        headroom = self.headroom_bytes(reading)
+        if headroom >= margin:
+            if headroom >= 1.25 * margin:
+                self._pressure = None  # recovered clearly: a later fall warns (and shrinks) again
+            return
+        available = reading.available_bytes
+        if self._pressure is not None:
+            last_available, last_steps = self._pressure
+            falling = available < last_available - margin / 2
+            if not (self.adaptive and falling and self._steps_done - last_steps >= self.adapt_after_steps):
+                return
+        self._pressure = (available, self._steps_done)
+        message = (
+            f"memory headroom is {format_bytes(headroom)}, below the safety margin of {format_bytes(margin)}: "
+            f"the system (or cgroup) has {format_bytes(available)} available"
+            + (f" and the plan expects this process to grow by {format_bytes(available - headroom)}" if available != headroom else "")
+            + ". Another process may be taking memory; the OS may kill training"
+        )
+        if self.adaptive:
+            before = self.feed.current_batch_size
+            self.feed.shrink()
+            after = self.feed.current_batch_size
+            if after < before:
+                self._shrinks += 1
+                message += f". adaptive: the following batches are cut from {before:,} to at most {after:,} samples"
+            else:
+                message += f". adaptive: batches are already at their smallest ({after:,})"
+        else:
+            message += ". Pass adaptive=True to autobatch.fit to shrink batches instead"
+        self._warnings.append(message)
+        logger.warning(message)
+        warnings.warn(message, ResourceWarning, stacklevel=3)
+        if self._live is None:
+            self.console.print(f"[bold yellow]autobatch warning:[/] {message}", highlight=False)
+
     def _samples_per_second(self, now: float) -> float:
         elapsed = now - self._start
         return self._samples / elapsed if elapsed > 0 else 0.0
 
     def _line(self, reading: MemoryReading, now: float) -> str:
         epochs = self.params.get("epochs", "?") if self.params else "?"
-        steps = self.params.get("steps") if self.params else None
+        steps = self._steps_total()
         parts = [f"epoch {self._epoch + 1}/{epochs} step {self._step}" + (f"/{steps}" if steps else "")]
         rss = f"RSS {format_bytes(reading.rss_bytes)} (peak {format_bytes(self._peak_rss)})"
         if self.host_budget_bytes:
@@ -267,7 +367,7 @@ class MemoryMonitor(keras.callbacks.Callback):
         table.add_column(justify="right")
         table.add_column(style="dim")
         epochs = self.params.get("epochs", "?") if self.params else "?"
-        steps = self.params.get("steps") if self.params else None
+        steps = self._steps_total()
         table.add_row("epoch / step", f"{self._epoch + 1}/{epochs}  {self._step}" + (f"/{steps}" if steps else ""), "")
         if reading is not None:
             budget = format_bytes(self.host_budget_bytes) if self.host_budget_bytes else "-"
@@ -341,7 +441,11 @@ class MemoryMonitor(keras.callbacks.Callback):
         self._samples += self._step_samples(batch)
 
     def _step_samples(self, batch: int) -> int:
-        # The feed knows each batch's real size (the last one of an epoch may be smaller).
+        # The feed knows each batch's real size (the last one of an epoch may be smaller, pieces are smaller).
+        step_rows = getattr(self.feed, "step_rows", None)
+        rows = step_rows(batch) if step_rows is not None else None
+        if rows is not None:
+            return rows
         bounds = getattr(self.feed, "batch_bounds", None)
         if bounds is not None:
             try:
@@ -378,6 +482,9 @@ class MemoryMonitor(keras.callbacks.Callback):
             between_steps_seconds=self._between_seconds,
             feed_seconds=getattr(feed_stats, "seconds", None),
             warnings=tuple(self._warnings),
+            truncated_sequences=getattr(feed_stats, "truncated_sequences", None),
+            shrinks=self._shrinks,
+            smallest_batch_size=self.feed.current_batch_size if self._shrinks else None,
         )
         if self._log is not None:
             self._log.write(json.dumps({"type": "summary", **dataclasses.asdict(self.summary)}) + "\n")

@@ -13,13 +13,21 @@ preallocated array with a boolean mask, with no Python loop over elements.
 Padding is consistent with the probe when the same function pads both: the
 probe's worst-case batch holds the longest rows, so padding it to the batch max
 (or bucket) gives the largest shape any real batch of that size can have.
+
+Truncation to a fixed ``maxlen`` drops data, so it is counted: inside
+:func:`count_truncations` (which every feed wraps around ``preprocess``) each
+sequence cut short is tallied, per column for :func:`pad_columns`, and a feed
+reports the total (``feed.stats.truncated_sequences``, a warning, the monitor's summary).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import itertools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -30,6 +38,70 @@ from autobatch.errors import ConfigError, DataError
 logger = logging.getLogger(__name__)
 
 Bucket = Literal["pow2"] | int
+
+
+@dataclasses.dataclass
+class Truncations:
+    """Sequences the padding helpers cut to ``maxlen`` while :func:`count_truncations` was active."""
+
+    sequences: int = 0
+    """Sequences longer than their padded length, cut as ``keras.utils.pad_sequences`` cuts them."""
+    values: int = 0
+    """Time steps dropped by those cuts."""
+    by_column: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Cut sequences per column, for :func:`pad_columns` (``pad_sequences_batch`` counts only in the totals)."""
+    maxlen: dict[str, int] = dataclasses.field(default_factory=dict)
+    """The length each column was cut to (the last one seen)."""
+
+    def add(self, other: Truncations) -> None:
+        """Add another tally's counts to this one."""
+        self.sequences += other.sequences
+        self.values += other.values
+        for name, count in other.by_column.items():
+            self.by_column[name] = self.by_column.get(name, 0) + count
+        self.maxlen.update(other.maxlen)
+
+
+_ACTIVE: contextvars.ContextVar[tuple[Truncations, ...]] = contextvars.ContextVar("autobatch_truncations", default=())
+
+
+@contextlib.contextmanager
+def count_truncations() -> Iterator[Truncations]:
+    """Count the sequences :func:`pad_sequences_batch` and :func:`pad_columns` truncate inside this block.
+
+    Blocks nest (each counts what happens inside it) and are per thread. Every
+    feed wraps its calls of ``preprocess`` in one, so truncation during training
+    is reported without this; use it to check a ``preprocess`` by hand.
+
+    Example:
+        >>> with count_truncations() as cut:
+        ...     pad_sequences_batch([[1, 2, 3], [4]], maxlen=2)
+        >>> cut.sequences, cut.values
+        (1, 1)
+    """
+    tally = Truncations()
+    token = _ACTIVE.set((*_ACTIVE.get(), tally))
+    try:
+        yield tally
+    finally:
+        _ACTIVE.reset(token)
+
+
+def _record_truncation(lengths: np.ndarray, length: int, column: str | None) -> None:
+    active = _ACTIVE.get()
+    if not active or not len(lengths):
+        return
+    over = lengths > length
+    cut = int(over.sum())
+    if not cut:
+        return
+    dropped = int((lengths[over] - length).sum())
+    for tally in active:
+        tally.sequences += cut
+        tally.values += dropped
+        if column is not None:
+            tally.by_column[column] = tally.by_column.get(column, 0) + cut
+            tally.maxlen[column] = int(length)
 
 
 def bucket_length(length: int, bucket: Bucket | None) -> int:
@@ -54,6 +126,26 @@ def bucket_length(length: int, bucket: Bucket | None) -> int:
     if isinstance(bucket, (int, np.integer)) and not isinstance(bucket, bool) and bucket >= 1:
         return max(-(-int(length) // int(bucket)), 1) * int(bucket)
     raise ConfigError(f'`bucket` must be "pow2" or a positive int (a multiple such as 64). Received: bucket={bucket!r}')
+
+
+def _not_numbers(i: int, seq: Any, dtype: np.dtype) -> DataError:
+    """The error for sequence ``i``, naming its first value that is not a number of ``dtype``."""
+    tokens = list(seq) if isinstance(seq, (list, tuple, np.ndarray)) else [seq]
+    bad = next((t for t in tokens if not _parses(t, dtype)), seq)
+    shown = repr(bad) if len(repr(bad)) <= 40 else repr(bad)[:37] + "..."
+    return DataError(
+        f"sequence {i} holds {shown}, which is not a {dtype} number. Fix the data, or clean it in preprocess "
+        "before padding.",
+        row=i,
+    )
+
+
+def _parses(token: Any, dtype: np.dtype) -> bool:
+    try:
+        np.asarray(token, dtype=dtype)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _flatten(sequences: Any, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -83,8 +175,8 @@ def _flatten(sequences: Any, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
             lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
             try:
                 return np.array(list(itertools.chain.from_iterable(sequences)), dtype=dtype), lengths
-            except ValueError as exc:
-                raise DataError(f"cannot parse the sequences as {dtype} numbers: {exc}") from exc
+            except (TypeError, ValueError):
+                pass  # find the sequence at fault below, to name it
     try:
         lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
         flat = np.concatenate(sequences, axis=0, dtype=dtype, casting="unsafe")
@@ -94,9 +186,20 @@ def _flatten(sequences: Any, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
         pass
     arrays = []
     for i, seq in enumerate(sequences):
-        array = np.asarray(seq, dtype=dtype)
+        try:
+            array = np.asarray(seq, dtype=dtype)
+        except (TypeError, ValueError):
+            raise _not_numbers(i, seq, dtype) from None
         if array.ndim == 0:
-            raise DataError(f"sequence {i} is a scalar ({seq!r}); expected a list, an array or a string of numbers.")
+            if isinstance(seq, float) and np.isnan(seq):
+                raise DataError(
+                    f"sequence {i} is missing (NaN, e.g. an empty CSV cell); expected a list, an array or a string "
+                    "of numbers. Fill or drop that row.",
+                    row=i,
+                )
+            raise DataError(
+                f"sequence {i} is a scalar ({seq!r}); expected a list, an array or a string of numbers.", row=i
+            )
         arrays.append(array)
     feature_shape = next((a.shape[1:] for a in arrays if len(a)), arrays[0].shape[1:])
     for i, array in enumerate(arrays):
@@ -141,17 +244,34 @@ def pad_sequences_batch(
         padding: which end the padding goes at (``"post"``: after the values).
 
     Returns:
-        An array of shape ``(len(sequences), length) + feature_shape``.
+        An array of shape ``(len(sequences), length) + feature_shape``. Sequences
+        cut short are counted by an enclosing :func:`count_truncations`.
 
     Raises:
         ConfigError: an option is out of range.
-        DataError: a sequence is a scalar or its feature shape differs from the others.
+        DataError: a sequence is a scalar, missing, holds a value that is not a
+            number, or its feature shape differs from the others; the message
+            names the sequence and ``error.row`` is its position.
 
     Example:
         >>> pad_sequences_batch([[1, 2, 3], [4]], bucket=4)
         array([[1., 2., 3., 0.],
                [4., 0., 0., 0.]], dtype=float32)
     """
+    return _pad(sequences, maxlen, bucket, dtype, value, truncating, padding, column=None)
+
+
+def _pad(
+    sequences: Any,
+    maxlen: int | None,
+    bucket: Bucket | None,
+    dtype: str | np.dtype,
+    value: float,
+    truncating: str,
+    padding: str,
+    *,
+    column: str | None,
+) -> np.ndarray:
     if truncating not in ("pre", "post"):
         raise ConfigError(f'`truncating` must be "pre" or "post". Received: truncating={truncating!r}')
     if padding not in ("pre", "post"):
@@ -171,6 +291,7 @@ def pad_sequences_batch(
         length = bucket_length(longest if maxlen is None else min(longest, int(maxlen)), bucket)
         length = length if maxlen is None else min(length, int(maxlen))
     out = np.full((n, length) + feature_shape, value, dtype=dtype)
+    _record_truncation(lengths, length, column)
     if n == 0 or length == 0 or not lengths.any():
         return out
     kept = np.minimum(lengths, length)
@@ -221,7 +342,9 @@ def pad_columns(
         ``{column: padded array}``.
 
     Raises:
-        DataError: a named column is missing.
+        DataError: a named column is missing, or a cell is not a sequence of
+            numbers; the message names the column and the row (position in the
+            batch and index label), and ``error.row`` is the position.
 
     Example:
         >>> def preprocess(batch_x, batch_y):
@@ -235,8 +358,16 @@ def pad_columns(
     out = {}
     for name in columns:
         cap = maxlen.get(name) if isinstance(maxlen, Mapping) else maxlen
-        padded = pad_sequences_batch(
-            frame[name], maxlen=cap, bucket=bucket, dtype=dtype, value=value, truncating=truncating, padding=padding
-        )
+        try:
+            padded = _pad(frame[name], cap, bucket, dtype, value, truncating, padding, column=str(name))
+        except DataError as exc:
+            if exc.row is None:
+                raise
+            where = f"row {exc.row} of the batch"
+            index = getattr(frame[name], "index", None)
+            if index is not None and exc.row < len(index):
+                label = index[exc.row]
+                where += f" (index label {label.item() if isinstance(label, np.generic) else label!r})"
+            raise DataError(f"column {name!r}, {where}: {exc}", row=exc.row) from exc
         out[name] = padded[..., None] if add_feature_axis else padded
     return out

@@ -178,6 +178,21 @@ class ProbeResult:
         return dataclasses.asdict(self)
 
     @classmethod
+    def load_cached(cls, key: str, directory: str | os.PathLike[str] | None = None) -> ProbeResult | None:
+        """The cached result for ``key``, or ``None`` when absent or not a valid result (then it is measured again)."""
+        cached = _cache.load(key, directory)
+        if cached is None:
+            return None
+        try:
+            result = cls.from_dict(cached)
+            if not isinstance(result.n_samples, int) or result.n_samples < 1 or not result.output_signature:
+                raise ValueError(f"it holds n_samples={result.n_samples!r} and no output signature")
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            logger.warning("ignoring an invalid probe cache entry %s (%s); it will be rebuilt", key, exc)
+            return None
+        return dataclasses.replace(result, from_cache=True)
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ProbeResult:
         fields = dict(data)
         fields["output_signature"] = tuple(
@@ -264,8 +279,36 @@ def _leaves(value: Any, prefix: str, where: str) -> dict[str, np.ndarray]:
     return {prefix: array}
 
 
+def _check_text_column(column: pd.Series, what: str) -> None:
+    """Name the first cell of a column of scalars that is not a number (e.g. "abc" in a CSV column of numbers).
+
+    Raises:
+        DataError: such a cell exists; ``error.row`` is its position in the batch.
+    """
+    values = column.to_numpy()
+    if any(isinstance(v, (list, tuple, np.ndarray, Mapping)) for v in values):
+        return  # sequences: the caller asks for a preprocess that pads them
+    parsed = pd.to_numeric(column, errors="coerce").to_numpy()
+    bad = np.flatnonzero(pd.isna(parsed) & ~pd.isna(column).to_numpy())
+    if len(bad):
+        i = int(bad[0])
+        label = column.index[i]
+        label = label.item() if isinstance(label, np.generic) else label
+        shown = repr(values[i]) if len(repr(values[i])) <= 40 else repr(values[i])[:37] + "..."
+        raise DataError(
+            f"column {column.name!r} of {what} holds {shown} at row {i} of the batch (index label {label!r}), which is "
+            f"not a number ({len(bad)} such cell(s) in this batch). Fix the data, or pass a `preprocess` that encodes it.",
+            row=i,
+        )
+
+
 def default_preprocess(batch_x: Any, batch_y: Any) -> tuple[Any, Any]:
-    """Turn a DataFrame batch into a dict of column arrays; pass arrays through unchanged."""
+    """Turn a DataFrame batch into a dict of column arrays; pass arrays through unchanged.
+
+    Raises:
+        DataError: a column holds text that is not a number (the message names the column and row).
+        PreprocessError: a column holds sequences or other objects, which need a ``preprocess``.
+    """
 
     def convert(value: Any, what: str) -> Any:
         if isinstance(value, pd.DataFrame):
@@ -273,6 +316,7 @@ def default_preprocess(batch_x: Any, batch_y: Any) -> tuple[Any, Any]:
             for name in value.columns:
                 column = value[name]
                 if column.dtype == object or isinstance(column.dtype, pd.StringDtype):
+                    _check_text_column(column, what)
                     raise PreprocessError(
                         f"column {name!r} of {what} holds {column.dtype} values (e.g. variable-length sequences "
                         "or strings); pass a `preprocess` function that turns them into padded numeric arrays."
@@ -280,6 +324,8 @@ def default_preprocess(batch_x: Any, batch_y: Any) -> tuple[Any, Any]:
                 out[str(name)] = column.to_numpy()
             return out
         if isinstance(value, pd.Series):
+            if value.dtype == object or isinstance(value.dtype, pd.StringDtype):
+                _check_text_column(value, what)
             return value.to_numpy()
         return value
 
@@ -300,6 +346,7 @@ def run_preprocess(preprocess: Preprocess, data: InMemoryData, *, where: str) ->
     """Call ``preprocess`` on one batch, measuring its output size and transient peak.
 
     Raises:
+        DataError: autobatch's helpers inside ``preprocess`` found bad data (e.g. a value that is not a number).
         PreprocessError: ``preprocess`` raised, returned something other than
             ``(inputs, targets)``, or changed the number of rows.
     """
@@ -311,6 +358,8 @@ def run_preprocess(preprocess: Preprocess, data: InMemoryData, *, where: str) ->
     before, _ = tracemalloc.get_traced_memory()
     try:
         result = preprocess(batch_x, batch_y)
+    except DataError as exc:  # bad data found by autobatch's helpers: keep the type, add where
+        raise DataError(f"{exc} (on {where})") from exc
     except Exception as exc:
         raise PreprocessError(
             f"preprocess raised {type(exc).__name__}: {exc} on {where}. Fix the function or the data it chokes on."
@@ -530,6 +579,13 @@ def _model_ref(model: Any, workdir: Path) -> tuple[dict[str, Any], str]:
     return {"kind": "file", "path": str(path)}, hashlib.sha256(config.encode()).hexdigest()[:16]
 
 
+def _oom_summary(error: str) -> str:
+    """The line of an out-of-memory error that says what failed (TensorFlow's carry a long graph traceback)."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    line = next((line for line in lines if line.startswith("OOM when allocating")), lines[0] if lines else error)
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
 def _device_key() -> str:
     totals = gpu_memory_totals()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
@@ -688,7 +744,7 @@ class Prober:
                 note=f"stopped: child RSS passed the limit of {format_bytes(rss_limit_bytes)}",
             )
         if reply.get("oom"):
-            return StepTrial(batch_size, None, fits=False, note=f"out of memory: {reply.get('error')}")
+            return StepTrial(batch_size, None, fits=False, note=f"out of memory: {_oom_summary(str(reply.get('error')))}")
         if reply.get("died"):
             code = reply.get("returncode")
             if code is not None and code < 0:
@@ -825,9 +881,9 @@ def probe(
     ) as prober:
         key = prober.cache_key()
         if cache:
-            cached = _cache.load(key, cache_dir)
+            cached = ProbeResult.load_cached(key, cache_dir)
             if cached is not None:
-                return dataclasses.replace(ProbeResult.from_dict(cached), from_cache=True)
+                return cached
         result = prober.measure()
         if cache:
             _cache.store(key, result.to_dict(), cache_dir)

@@ -23,7 +23,7 @@ import canonical  # noqa: E402
 import autobatch  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> object:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=3000)
     parser.add_argument("--epochs", type=int, default=2)
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         f"every sample once per epoch); loss {history.history['loss'][0]:.4f} -> {history.history['loss'][-1]:.4f}, "
         f"val_loss {history.history['val_loss'][-1]:.4f}"
     )
+    return history
 
 
 if __name__ == "__main__":

@@ -240,3 +240,250 @@ def test_fit_warns_about_arguments_it_decides_itself():
             ram_limit="plenty", batch_size=7, monitor=False, cache=False,
         )
     assert "ram_limit" in str(excinfo.value)
+
+
+# ---------------------------------------------------------------- bad input on the fit path
+
+
+def test_fit_refuses_an_uncompiled_model_before_probing():
+    import keras
+
+    frame = _learnable(50, seed=5)
+    model = keras.Model.from_config(canonical.build_model().get_config())  # same layers, never compiled
+    with pytest.raises(autobatch.ModelError) as excinfo:
+        autobatch.fit(model, frame.drop(columns=["label"]), frame["label"], preprocess=canonical.preprocess, cache=False)
+    assert "not compiled" in str(excinfo.value) and model.name in str(excinfo.value)
+
+
+def test_fit_with_a_budget_smaller_than_one_sample_says_how_much_is_needed():
+    frame = _learnable(60, seed=6)
+    model = canonical.build_model()
+    with pytest.raises(autobatch.BudgetError) as excinfo:
+        autobatch.fit(
+            model, frame.drop(columns=["label"]), frame["label"], preprocess=canonical.preprocess, ram_limit="200MiB",
+            monitor=False, cache=False,
+        )
+    message = str(excinfo.value)
+    assert "cannot hold even one sample" in message and "ram_limit=200MiB" in message, message
+    assert model.optimizer.iterations.numpy() == 0, "nothing was trained"
+
+
+def _csv_style(frame):
+    """Sequences written as CSV cells hold them: space-separated numbers."""
+    return frame.assign(**{c: frame[c].map(lambda a: " ".join(f"{v:.4g}" for v in a)) for c in ("in1", "in2")})
+
+
+def _pad_text(batch_x, batch_y):
+    return autobatch.pad_columns(batch_x, ["in1", "in2"], add_feature_axis=True), batch_y.to_numpy("float32").reshape(-1, 1)
+
+
+def test_fit_raises_the_feeds_error_naming_the_row_not_tensorflows_wrapper():
+    from autobatch._data import as_in_memory, sample_in_memory
+
+    frame = _csv_style(_learnable(300, seed=7))
+    frame.index = [f"s{i}" for i in range(300)]
+    x, y = frame.drop(columns=["label"]), frame["label"]
+    # A row the probe never preprocesses (it samples random, largest and smallest rows): only training meets it.
+    sample = sample_in_memory(as_in_memory(x, y), k=32)
+    probed = {*sample.random.x.index, *sample.worst.x.index, *sample.smallest.x.index}
+    lengths = x["in1"].str.len()
+    bad = next(label for label in lengths.sort_values().index[100:] if label not in probed)
+    tokens = x.at[bad, "in1"].split()
+    x.at[bad, "in1"] = " ".join(["abc", *tokens[1:]])  # same length: the probe's samples stay the same
+    with pytest.raises(autobatch.DataError) as excinfo:
+        autobatch.fit(
+            canonical.build_model(), x, y, preprocess=_pad_text, epochs=1, ram_limit="4GiB", max_batch_size=32,
+            monitor=False, cache=False,
+        )
+    message = str(excinfo.value)
+    assert "column 'in1'" in message and "holds 'abc', which is not a float32 number" in message, message
+    assert f"row {x.index.get_loc(bad)} of the data (index label {bad!r})" in message, message
+    assert "tensorflow" in type(excinfo.value.__context__).__module__, "TensorFlow's own error is kept as context"
+
+
+# ---------------------------------------------------------------- memory pressure during fit
+
+
+class _LowHeadroomAfterStep:
+    """A memory reader that reports real readings, but (after `flip()`) only 100 MiB available on the system."""
+
+    def __init__(self):
+        self.low = False
+
+    def __call__(self):
+        from autobatch.monitor import read_memory
+
+        reading = read_memory()
+        return dataclasses.replace(reading, available_bytes=100 * MiB if self.low else 64 * 1024 * MiB)
+
+
+def _recording(preprocess, seen, recording):
+    def wrapped(batch_x, batch_y):
+        if recording[0]:
+            seen.extend(batch_x["id"].tolist())
+        return preprocess(batch_x, batch_y)
+
+    return wrapped
+
+
+def _epoch_steps_callback(recording, on_step=None):
+    """Counts steps per epoch; turns `recording` on as training starts (after the probe and the signature check)."""
+    import keras
+
+    class Steps(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.per_epoch = []
+
+        def on_train_begin(self, logs=None):
+            recording[0] = True
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.per_epoch.append(0)
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.per_epoch[-1] += 1
+            if on_step is not None:
+                on_step(len(self.per_epoch) - 1, batch)
+
+    return Steps()
+
+
+def _assert_each_epoch_exactly_once(seen, n, epochs):
+    assert len(seen) == epochs * n, f"{len(seen)} rows produced during fit, expected {epochs} x {n}"
+    passes = [seen[k * n : (k + 1) * n] for k in range(epochs)]
+    for rows in passes:
+        assert sorted(rows) == list(range(n))
+    assert passes[0] != passes[1], "epochs reshuffle"
+
+
+def test_fit_adaptive_shrinks_batches_on_low_headroom_and_keeps_the_effective_batch():
+    frame = _learnable(600, seed=8).assign(id=range(600))
+    reader = _LowHeadroomAfterStep()
+    seen, recording = [], [False]
+
+    def on_step(epoch, batch):
+        if epoch == 0 and batch == 2:
+            reader.low = True  # another process took memory: 100 MiB left, the 4 GiB budget's margin is 410 MiB
+
+    steps = _epoch_steps_callback(recording, on_step)
+    model = canonical.build_model()
+    with pytest.warns(ResourceWarning, match="memory headroom is .* below the safety margin") as record:
+        history = autobatch.fit(
+            model, frame.drop(columns=["label"]), frame["label"],
+            preprocess=_recording(canonical.preprocess, seen, recording), epochs=2, ram_limit="4GiB",
+            max_batch_size=32, target_batch_size=128, adaptive=True, callbacks=[steps], cache=False,
+            monitor_options={"reader": reader, "interval_s": 0.01},
+        )
+    plan = history.autobatch_plan
+    assert (plan.batch_size, plan.gradient_accumulation_steps) == (32, 4)
+    headroom = [str(w.message) for w in record if issubclass(w.category, ResourceWarning) and "headroom" in str(w.message)]
+    assert len(headroom) == 1 and "cut from 32 to at most 16 samples" in headroom[0], headroom
+    assert history.autobatch_summary.shrinks == 1 and history.autobatch_summary.smallest_batch_size == 16
+    # Epoch 0 switched to pieces of 16 part-way, epoch 1 is all pieces; every sample exactly once in each.
+    assert plan.steps_per_epoch < steps.per_epoch[0] < 2 * plan.steps_per_epoch, steps.per_epoch
+    assert steps.per_epoch[1] == 2 * plan.steps_per_epoch, steps.per_epoch
+    _assert_each_epoch_exactly_once(seen, 600, epochs=2)
+    assert history.autobatch_summary.samples == 2 * 600 and len(history.history["loss"]) == 2
+    # Each update still averages 128 samples: 8 steps of 16 instead of 4 of 32.
+    assert model.optimizer.gradient_accumulation_steps == 8
+
+
+HOG = textwrap.dedent(
+    """
+    import sys
+    sys.stdout.write("ready\\n"); sys.stdout.flush()
+    held = []
+    for line in sys.stdin:
+        held.append(b"\\x01" * (int(line) * 1024 * 1024))  # written, so resident, not just reserved
+        sys.stdout.write("holding\\n"); sys.stdout.flush()
+    """
+)
+
+
+def test_fit_adaptive_survives_a_second_process_taking_memory():
+    """A real second process allocates memory mid-fit; the monitor sees the headroom fall and batches shrink.
+
+    The host has far more memory than this test may take, so the machine is modelled as a small one: available
+    memory = a fixed total - this process's RSS - the other process's RSS, both read from /proc as training runs.
+    The total leaves 1 GiB beyond the margin at the start; the other process then takes 1.25 GiB for real.
+    """
+    from autobatch._memory import rss_bytes
+    from autobatch.monitor import read_memory
+
+    hog = subprocess.Popen([sys.executable, "-c", HOG], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert hog.stdout.readline().strip() == "ready"
+        margin = 256 * MiB
+        total = []
+
+        def small_machine():
+            reading = read_memory()
+            used = reading.rss_bytes + rss_bytes(hog.pid)
+            if not total:
+                total.append(used + 1024 * MiB + margin)
+            return dataclasses.replace(reading, available_bytes=max(total[0] - used, 0))
+
+        def on_step(epoch, batch):
+            if epoch == 0 and batch == 2:
+                hog.stdin.write(f"{1280}\n")
+                hog.stdin.flush()
+                assert hog.stdout.readline().strip() == "holding"
+
+        frame = _learnable(600, seed=9).assign(id=range(600))
+        seen, recording = [], [False]
+        steps = _epoch_steps_callback(recording, on_step)
+        with pytest.warns(ResourceWarning, match="memory headroom"):
+            history = autobatch.fit(
+                canonical.build_model(), frame.drop(columns=["label"]), frame["label"],
+                preprocess=_recording(canonical.preprocess, seen, recording), epochs=2, ram_limit="4GiB",
+                max_batch_size=32, adaptive=True, callbacks=[steps], cache=False,
+                monitor_options={"reader": small_machine, "interval_s": 0.02, "min_headroom_bytes": margin},
+            )
+        hog_rss = rss_bytes(hog.pid)
+    finally:
+        hog.kill()
+        hog.wait()
+    assert hog_rss > 1280 * MiB, "the other process really holds the memory"
+    summary = history.autobatch_summary
+    assert summary.shrinks >= 1 and summary.smallest_batch_size <= 16, summary
+    assert steps.per_epoch[1] > history.autobatch_plan.steps_per_epoch, steps.per_epoch
+    _assert_each_epoch_exactly_once(seen, 600, epochs=2)
+    assert len(history.history["loss"]) == 2
+
+
+# ---------------------------------------------------------------- limits honoured end to end
+
+EXAMPLE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, {examples!r})
+    import seed_style
+    from autobatch._memory import peak_rss_bytes
+    history = seed_style.main(["--rows", "1500", "--epochs", "1", "--ram-limit", "{limit}"])
+    plan = history.autobatch_plan
+    print(json.dumps({{"vmhwm": peak_rss_bytes(), "batch": plan.batch_size, "predicted": plan.predicted_peak_bytes,
+                      "limited_by": plan.limited_by, "monitor_peak": history.autobatch_summary.peak_rss_bytes}}))
+    """
+)
+
+
+def test_fit_on_the_example_keeps_the_process_peak_under_ram_limit(tmp_path):
+    import psutil
+
+    limit = 900 * MiB
+    assert psutil.virtual_memory().available > 4 * limit, "the limit must bind, not the machine"
+    script = tmp_path / "fit_example.py"
+    examples = str(canonical.__file__).rsplit("/", 1)[0]
+    script.write_text(EXAMPLE_SCRIPT.format(examples=examples, limit="900MiB"))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(
+        f"autobatch.fit at batch {result['batch']} ({result['limited_by']}): VmHWM {result['vmhwm'] / MiB:.0f} MiB, "
+        f"predicted {result['predicted'] / MiB:.0f} MiB, ram_limit {limit / MiB:.0f} MiB"
+    )
+    assert result["limited_by"] == "host memory" or "ran out of memory" in result["limited_by"], result
+    assert result["vmhwm"] < limit, result
+    assert result["vmhwm"] > 0.6 * result["predicted"], "the prediction is honest, not wildly conservative"
+    assert result["monitor_peak"] == result["vmhwm"], "the monitor reports the same peak"

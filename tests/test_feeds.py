@@ -19,7 +19,10 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
+from autobatch._data import ShardInfo, ShardSource
 from autobatch._memory import Budget
 from autobatch.errors import AutobatchError, ConfigError, DataError, PreprocessError
 from autobatch.feeds import InMemoryFeed, ShardFeed, ShardIndex, make_feed
@@ -188,6 +191,84 @@ def test_shards_serve_every_row_once_per_epoch(tmp_path: Path, fmt: str, shuffle
         assert not np.array_equal(np.concatenate(first), np.concatenate(second))
     if not shuffle:
         np.testing.assert_array_equal(np.concatenate(first), np.arange(100))
+
+
+class _SizesIndex(ShardIndex):
+    """Row counts without files: shard ``k.csv`` has ``sizes[k]`` rows and columns ``id``, ``label``."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        super().__init__()
+        self.sizes = sizes
+
+    def info(self, path: Path) -> ShardInfo:
+        return ShardInfo(path, ("id", "label"), self.sizes[int(path.stem)], 0, 0)
+
+
+class _FilelessShardFeed(ShardFeed):
+    """A ShardFeed whose shards are generated: shard ``k`` holds the ids that follow shard ``k - 1``'s."""
+
+    def _read_frame(self, shard: ShardInfo) -> pd.DataFrame:
+        k = self.files.index(shard.path)
+        first = int(sum(s.n_rows for s in self.shards[:k]))
+        ids = np.arange(first, first + shard.n_rows, dtype=np.int64)
+        return pd.DataFrame({"id": ids, "label": ids % 2})
+
+
+def _fileless(sizes: list[int], **options) -> ShardFeed:
+    source = ShardSource(tuple(Path(f"{k}.csv") for k in range(len(sizes))), "label")
+    return _FilelessShardFeed(source, index=_SizesIndex(sizes), **options)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=10),
+    batch_size=st.integers(1, 120),
+    shuffle=st.booleans(),
+    seed=st.integers(0, 2**16),
+    drop_remainder=st.booleans(),
+    read_ahead=st.integers(0, 2),
+    shrink=st.one_of(st.none(), st.tuples(st.integers(0, 30), st.sampled_from([2, 3, 4]))),
+)
+def test_fuzz_shard_batch_cutting_serves_every_row_exactly_once(
+    sizes: list[int], batch_size: int, shuffle: bool, seed: int, drop_remainder: bool, read_ahead: int, shrink
+) -> None:
+    import warnings
+
+    n = sum(sizes)
+    assume(not drop_remainder or batch_size <= n)
+    feed = _fileless(
+        sizes, batch_size=batch_size, shuffle=shuffle, seed=seed, drop_remainder=drop_remainder, read_ahead=read_ahead
+    )
+    try:
+        expected_len = n // batch_size if drop_remainder else math.ceil(n / batch_size)
+        assert len(feed) == expected_len and feed.n_samples == n
+        for _ in range(2):  # two epochs, each exactly once (drop_remainder: distinct rows, a full batch each)
+            epoch = feed.epoch
+            batches = [np.asarray(feed[i][0]["id"]) for i in range(len(feed))]
+            assert all(len(b) == batch_size for b in batches[:-1])
+            seen = np.concatenate(batches)
+            if drop_remainder:
+                assert len(seen) == len(feed) * batch_size and len(set(seen.tolist())) == len(seen)
+            else:
+                np.testing.assert_array_equal(np.sort(seen), np.arange(n))
+            # The same epoch by random access (as Keras' shuffled batch order reads it) gives the same batches.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for i in np.random.default_rng(seed).permutation(len(feed)):
+                    np.testing.assert_array_equal(feed[int(i)][0]["id"], batches[int(i)])
+            # Served in pieces (adaptive), with the split changing mid-epoch: the same rows, in the same order.
+            rows: list[int] = []
+            pieces = []
+            for k, element in enumerate(feed._pass_elements(lambda batch, i: batch, rows, True)):
+                pieces.append(np.asarray(element[0]["id"]))
+                if shrink is not None and k == shrink[0]:
+                    feed.shrink(shrink[1])
+            np.testing.assert_array_equal(np.concatenate(pieces), seen)
+            assert [r for r, _ in rows] == [len(p) for p in pieces] and min(len(p) for p in pieces) >= 1
+            assert feed.epoch == epoch + 1, "a complete pass advances the epoch"
+            feed._pieces = 1
+    finally:
+        feed.close()
 
 
 def test_shard_batches_are_cut_across_files_in_numeric_order(tmp_path: Path) -> None:
@@ -425,9 +506,12 @@ def test_bad_csv_shard_is_named(tmp_path: Path, content: bytes, expected: str) -
     assert "2.csv" in str(excinfo.value)
 
 
-def test_corrupt_parquet_shard_is_named(tmp_path: Path) -> None:
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_parquet_shard_is_named(tmp_path: Path, damage: str) -> None:
     folder = write_shards(table(20), tmp_path / "pq", (10, 10), "parquet")
-    (folder / "1.parquet").write_bytes(b"PAR1 this is not really parquet")
+    content = (folder / "1.parquet").read_bytes()
+    # A file cut short (an interrupted copy) has lost its footer, as surely as garbage has none.
+    (folder / "1.parquet").write_bytes(b"PAR1 this is not really parquet" if damage == "garbage" else content[: len(content) // 2])
     with pytest.raises(DataError, match="cannot read shard") as excinfo:
         ShardFeed(folder, "label", batch_size=4)
     assert "1.parquet" in str(excinfo.value)
@@ -467,6 +551,10 @@ def _drifting(kind: str):
         if batch_x["id"].max() >= 50:  # the later batches drift
             if kind == "keys":
                 inputs["extra"] = batch_x["b"].to_numpy(np.float32)
+            elif kind == "rank":
+                inputs["a"] = inputs["a"][:, None]
+            elif kind == "none":
+                return None
             else:
                 inputs["a"] = inputs["a"].astype(np.float64)
         return inputs, batch_y.to_numpy()
@@ -474,7 +562,15 @@ def _drifting(kind: str):
     return preprocess
 
 
-@pytest.mark.parametrize("kind", ["keys", "dtype"])
+_DRIFT_MESSAGES = {
+    "keys": "extra",
+    "dtype": r"received float64 \(1-D\)",
+    "rank": r"received float32 \(2-D\)",
+    "none": r"must return a pair \(inputs, targets\); on batch 5 \(rows 50-59 .*it returned NoneType",
+}
+
+
+@pytest.mark.parametrize("kind", ["keys", "dtype", "rank", "none"])
 def test_preprocess_drift_names_the_batch(tmp_path: Path, kind: str) -> None:
     folder = write_shards(table(100), tmp_path / "csv", SIZES, "csv")
     in_memory = InMemoryFeed(table(100), "label", batch_size=10, shuffle=False, preprocess=_drifting(kind))
@@ -482,10 +578,11 @@ def test_preprocess_drift_names_the_batch(tmp_path: Path, kind: str) -> None:
     for feed in (in_memory, streamed):
         for i in range(5):
             feed[i]
-        with pytest.raises(PreprocessError, match="extra" if kind == "keys" else "float64") as excinfo:
+        with pytest.raises(PreprocessError, match=_DRIFT_MESSAGES[kind]) as excinfo:
             feed[5]
         assert "batch 5 (rows 50-59" in str(excinfo.value)
-        assert "as on batch 0" in str(excinfo.value)
+        if kind != "none":
+            assert "as on batch 0" in str(excinfo.value)
     message = str(excinfo.value)  # rows 50-59 span 2.csv (rows 14-53) and 3.csv (rows 54-60)
     assert "from shards" in message and "2.csv" in message and "3.csv" in message
 
@@ -707,3 +804,241 @@ def test_plan_module_does_not_import_feeds() -> None:
     top_level = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
     modules = [getattr(node, "module", None) or node.names[0].name for node in top_level]
     assert not [m for m in modules if m and m.startswith("autobatch.feeds")], modules
+
+
+# --------------------------------------------------------------------------- bad values: named by file, column and row
+
+
+def _pad_in1(batch_x: pd.DataFrame, batch_y: pd.Series):
+    return pad_columns(batch_x, ["in1"], maxlen=None), batch_y.to_numpy("float32")
+
+
+def _sequence_shards(tmp_path: Path, bad_cell: str) -> tuple[Path, int]:
+    """Three CSV shards of 10 rows with "in1" as space-separated numbers; one cell of 1.csv replaced."""
+    frame = table(30).assign(in1=[" ".join(str(v) for v in range(1 + i % 4)) for i in range(30)])
+    folder = write_shards(frame.drop(columns=["a", "b"]), tmp_path / "csv", (10, 10, 10), "csv")
+    shard = pd.read_csv(folder / "1.csv")
+    shard.loc[7, "in1"] = bad_cell
+    shard.to_csv(folder / "1.csv", index=False)
+    return folder, 7
+
+
+def test_a_cell_that_is_not_a_number_names_shard_column_and_row(tmp_path: Path) -> None:
+    folder, row = _sequence_shards(tmp_path, "1.0 abc 2")
+    feed = ShardFeed(folder, "label", batch_size=4, preprocess=_pad_in1, seed=1)  # shuffled files and rows
+    with pytest.raises(DataError) as excinfo:
+        for i in range(len(feed)):
+            feed[i]
+    message = str(excinfo.value)
+    assert "column 'in1'" in message and "holds 'abc', which is not a float32 number" in message, message
+    assert f"row {row} of shard {str(folder / '1.csv')!r}" in message, message
+
+
+def test_a_missing_sequence_cell_names_the_data_row(tmp_path: Path) -> None:
+    frame = table(20).assign(in1=[[1.0] * (1 + i % 3) for i in range(20)])
+    frame.loc[13, "in1"] = np.nan
+    frame.index = [f"r{i}" for i in range(20)]
+    feed = InMemoryFeed(frame.drop(columns=["a", "b"]), "label", batch_size=6, preprocess=_pad_in1, seed=0)
+    with pytest.raises(DataError) as excinfo:
+        for i in range(len(feed)):
+            feed[i]
+    message = str(excinfo.value)
+    assert "is missing (NaN" in message and "row 13 of the data (index label 'r13')" in message, message
+
+
+def test_text_in_a_numeric_csv_column_names_file_column_and_row(tmp_path: Path) -> None:
+    folder = write_shards(table(20), tmp_path / "csv", (10, 10), "csv")
+    shard = pd.read_csv(folder / "1.csv")
+    shard["a"] = shard["a"].astype(object)
+    shard.loc[4, "a"] = "n/a?"
+    shard.to_csv(folder / "1.csv", index=False)
+    feed = ShardFeed(folder, "label", batch_size=5, shuffle=False)  # the default preprocess: columns to arrays
+    for i in range(2):
+        feed[i]
+    with pytest.raises(DataError) as excinfo:
+        for i in range(2, len(feed)):
+            feed[i]
+    message = str(excinfo.value)
+    assert "column 'a' of x holds 'n/a?'" in message and "not a number" in message, message
+    assert f"row 4 of shard {str(folder / '1.csv')!r}" in message, message
+
+
+def _nan_table(where: str, value: float) -> pd.DataFrame:
+    frame = table(30)
+    column = "a" if where == "x" else "label"
+    frame[column] = frame[column].astype(np.float32)
+    frame.loc[17, column] = value
+    return frame
+
+
+@pytest.mark.parametrize(("where", "value", "name"), [("x", np.nan, "x/a"), ("y", np.inf, "y")])
+def test_nan_policy_error_names_array_and_row(where: str, value: float, name: str) -> None:
+    feed = InMemoryFeed(_nan_table(where, value), "label", batch_size=8, nan_policy="error", shuffle=False)
+    feed[0]
+    with pytest.raises(DataError) as excinfo:
+        feed[2]
+    message = str(excinfo.value)
+    assert f"{name} holds 1 NaN/inf value(s) in 1 row(s) on batch 2 (rows 16-23" in message, message
+    assert "the first is row 1 of the batch (row 17 of the data (index label 17))" in message, message
+
+
+def test_nan_policy_warn_warns_once_and_counts_every_batch() -> None:
+    frame = _nan_table("x", np.nan)
+    frame.loc[3, "b"] = -np.inf
+    feed = InMemoryFeed(frame, "label", batch_size=8, shuffle=False)  # "warn" is the default
+    with pytest.warns(RuntimeWarning) as record:
+        batches = [feed[i] for i in range(len(feed))]
+    messages = [str(w.message) for w in record if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 2, messages  # once per array: x/b in batch 0, x/a in batch 2
+    assert "x/b holds 1 NaN/inf value(s)" in messages[0] and "x/a holds 1" in messages[1]
+    assert feed.stats.nonfinite_batches == 2
+    assert np.isnan(batches[2][0]["a"][1]), "warn passes the batch through unchanged"
+
+
+def test_nan_policy_ignore_and_bad_values() -> None:
+    import warnings
+
+    feed = InMemoryFeed(_nan_table("x", np.nan), "label", batch_size=8, nan_policy="ignore")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i in range(len(feed)):
+            feed[i]
+    assert feed.stats.nonfinite_batches == 0
+    with pytest.raises(ConfigError) as excinfo:
+        InMemoryFeed(table(10), "label", batch_size=4, nan_policy="raise")  # type: ignore[arg-type]
+    assert "nan_policy" in str(excinfo.value)
+
+
+def test_an_empty_csv_cell_is_a_nan_named_by_shard_row(tmp_path: Path) -> None:
+    folder = write_shards(table(20), tmp_path / "csv", (10, 10), "csv")
+    text = (folder / "1.csv").read_text().splitlines()
+    cells = text[6].split(",")
+    cells[1] = ""  # column "a" of the shard's data row 5
+    text[6] = ",".join(cells)
+    (folder / "1.csv").write_text("\n".join(text) + "\n")
+    feed = ShardFeed(folder, "label", batch_size=4, nan_policy="error", seed=3)
+    with pytest.raises(DataError) as excinfo:
+        for i in range(len(feed)):
+            feed[i]
+    assert f"(row 5 of shard {str(folder / '1.csv')!r}" in str(excinfo.value), str(excinfo.value)
+
+
+def test_truncation_to_maxlen_is_reported_and_counted_over_the_epoch() -> None:
+    lengths = np.array([3, 9, 12, 5, 8, 20, 1, 9])
+    frame = pd.DataFrame(
+        {"in1": [np.ones(k, np.float32) for k in lengths], "in2": [np.ones(2, np.float32)] * 8, "label": np.zeros(8)}
+    )
+
+    def preprocess(batch_x, batch_y):
+        return pad_columns(batch_x, ["in1", "in2"], maxlen=8), batch_y.to_numpy()
+
+    feed = InMemoryFeed(frame, "label", batch_size=3, preprocess=preprocess, shuffle=False)
+    with pytest.warns(UserWarning, match=r"truncated 2 sequence\(s\) longer than maxlen on batch 0") as record:
+        for i in range(len(feed)):
+            feed[i]
+    assert len([w for w in record if "truncated" in str(w.message)]) == 1, "warned once"
+    assert "'in1' cut to 8: 2" in str(record[0].message)
+    assert feed.stats.truncated_sequences == int((lengths > 8).sum()) == 4
+    assert feed.stats.truncated_by_column == {"in1": 4}
+
+
+# --------------------------------------------------------------------------- no data loss: interrupted epochs
+
+
+def _fail_once_at(error: BaseException):
+    """A preprocess that raises `error` the first time it meets one of the ids in `state["ids"]` while armed."""
+    state = {"armed": True}
+
+    def preprocess(batch_x: pd.DataFrame, batch_y: pd.Series):
+        if state["armed"] and batch_x["id"].isin(state["ids"]).any():
+            state["armed"] = False
+            raise error
+        return {"id": batch_x["id"].to_numpy()}, batch_y.to_numpy()
+
+    return preprocess, state
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("disk hiccup")], ids=["ctrl-c", "exception"])
+@pytest.mark.parametrize("kind", ["in_memory", "shards"])
+def test_an_interrupted_epoch_is_served_again_whole(tmp_path: Path, kind: str, error: BaseException) -> None:
+    frame = table(100)
+    preprocess, state = _fail_once_at(error)
+    if kind == "shards":
+        feed = ShardFeed(write_shards(frame, tmp_path / "pq", SIZES, "parquet"), "label", batch_size=10,
+                         preprocess=preprocess, seed=5)
+    else:
+        feed = InMemoryFeed(frame, "label", batch_size=10, preprocess=preprocess, seed=5)
+    state["armed"] = False
+    planned = [np.asarray(feed[i][0]["id"]) for i in range(len(feed))]  # the epoch's batches, as they will be served
+    state["armed"], state["ids"] = True, planned[4]
+    expected = (PreprocessError,) if isinstance(error, Exception) else (KeyboardInterrupt,)
+    with pytest.raises(expected):
+        for i in range(len(feed)):
+            feed[i]
+    assert feed.epoch == 0, "an interrupted epoch does not count"
+    again = epoch_ids(feed)  # the same epoch from its first batch, then on to the next
+    for got, want in zip(again, planned, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert_exactly_once(again, frame["id"].to_numpy())
+    assert_exactly_once(epoch_ids(feed), frame["id"].to_numpy())
+    if kind == "shards":
+        feed.close()
+
+
+def test_an_interrupted_tf_data_pass_leaves_the_epoch_to_be_served_again(tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    frame = table(100)
+    preprocess, state = _fail_once_at(ValueError("bad batch"))
+    feed = ShardFeed(write_shards(frame, tmp_path / "pq", SIZES, "parquet"), "label", batch_size=10,
+                     preprocess=preprocess, seed=2)
+    state["armed"] = False
+    state["ids"] = np.asarray(feed[6][0]["id"])
+    dataset = feed.to_tf_dataset(infer_batches=1, prefetch=2)
+    state["armed"] = True
+    with pytest.raises(tf.errors.UnknownError, match="preprocess raised ValueError: bad batch on batch 6"):
+        list(dataset.as_numpy_iterator())
+    assert feed.epoch == 0 and isinstance(feed._pop_failure(), PreprocessError)
+    first = [x["id"] for x, _ in dataset.as_numpy_iterator()]
+    assert feed.epoch == 1, "a complete pass is an epoch"
+    assert_exactly_once(first, frame["id"].to_numpy())
+    second = [x["id"] for x, _ in dataset.as_numpy_iterator()]
+    assert_exactly_once(second, frame["id"].to_numpy())
+    assert not np.array_equal(np.concatenate(first), np.concatenate(second))
+    feed.close()
+
+
+def test_keras_fit_interrupted_by_ctrl_c_resumes_with_a_whole_epoch() -> None:
+    keras.utils.set_random_seed(0)
+    frame = table(200)
+    served, recording = [], [True]
+
+    def preprocess(batch_x: pd.DataFrame, batch_y: pd.Series):
+        if recording[0]:
+            served.extend(batch_x["id"].tolist())
+        return {"a": batch_x["a"].to_numpy(), "b": batch_x["b"].to_numpy()}, batch_y.to_numpy("float32")
+
+    feed = InMemoryFeed(frame, "label", batch_size=16, preprocess=preprocess, seed=1)
+    dataset = feed.to_tf_dataset(prefetch=2)
+    a, b = keras.Input((), name="a"), keras.Input((), name="b")
+    joined = keras.layers.Concatenate()([keras.layers.Reshape((1,))(a), keras.layers.Reshape((1,))(b)])
+    model = keras.Model({"a": a, "b": b}, keras.layers.Dense(1, activation="sigmoid")(joined))
+    model.compile("sgd", "binary_crossentropy")
+
+    class CtrlC(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 5:
+                raise KeyboardInterrupt  # what Ctrl-C raises in the main thread, between two steps
+
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(dataset, epochs=3, verbose=0, callbacks=[CtrlC()])
+    assert feed.epoch == 0, "the interrupted epoch 0 is not over"
+    import gc
+
+    gc.collect()
+    del served[:]
+    history = model.fit(dataset, epochs=2, verbose=0)
+    assert len(history.history["loss"]) == 2 and feed.epoch == 2
+    assert len(served) == 2 * 200
+    for epoch in range(2):
+        assert sorted(served[epoch * 200 : (epoch + 1) * 200]) == list(range(200))

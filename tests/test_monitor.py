@@ -5,6 +5,7 @@ import warnings
 import pytest
 from rich.console import Console
 
+from autobatch.errors import ConfigError
 from autobatch.monitor import MemoryMonitor, MemoryReading, summary_from_log
 
 MiB = 1024**2
@@ -181,3 +182,92 @@ def test_report_cli_prints_the_summary_and_saves_a_png(tmp_path):
     png = tmp_path / "run.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert main(["report", str(tmp_path / "missing.jsonl")], console=Console(file=io.StringIO())) == 1
+
+
+# ---------------------------------------------------------------- headroom: another process takes memory
+
+
+class AvailableReader:
+    """RSS stays at 400 MiB (peak 400 MiB); available memory follows a script (MiB), the last value repeating."""
+
+    def __init__(self, available_mib):
+        self.available = list(available_mib)
+        self.calls = 0
+
+    def __call__(self):
+        value = self.available[min(self.calls, len(self.available) - 1)]
+        self.calls += 1
+        return MemoryReading(400 * MiB, 400 * MiB, int(value * MiB))
+
+
+class ShrinkableFeed:
+    """Records shrink requests as the real feeds take them: pieces double, never below one sample per piece."""
+
+    def __init__(self, batch_size=64):
+        self.batch_size = batch_size
+        self.pieces = 1
+
+    @property
+    def current_batch_size(self):
+        return -(-self.batch_size // self.pieces)
+
+    def shrink(self, factor=2):
+        self.pieces = min(self.pieces * factor, self.batch_size)
+        return self.pieces
+
+
+def test_low_headroom_warns_and_shrinks_an_adaptive_feed_once_per_fall():
+    clock = FakeClock()
+    feed = ShrinkableFeed()
+    # Margin 200 MiB. 150: falls below -> warn + shrink. 150, 120: still low, not falling by half a margin -> quiet.
+    # 40: fell 110 MiB more after enough steps -> shrink again. 400: recovered (>= 1.25 x margin). 150: a new fall.
+    reader = AvailableReader([10_000, 150, 150, 120, 40, 400, 150])
+    monitor, out = make(reader, clock, feed=feed, adaptive=True, min_headroom_bytes=200 * MiB, adapt_after_steps=2)
+    monitor.on_train_begin()  # reading 1
+    pieces = []
+    with pytest.warns(ResourceWarning) as record:
+        for step in range(6):
+            monitor.on_train_batch_begin(step)
+            monitor.on_train_batch_end(step)
+            monitor.tick()
+            pieces.append(feed.pieces)
+    assert pieces == [2, 2, 2, 4, 4, 8]
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 3
+    assert "memory headroom is 150.0 MiB, below the safety margin of 200.0 MiB" in messages[0]
+    assert "the following batches are cut from 64 to at most 32 samples" in messages[0]
+    assert "from 32 to at most 16" in messages[1] and "from 16 to at most 8" in messages[2]
+    monitor.on_train_end()
+    assert monitor.summary.shrinks == 3 and monitor.summary.smallest_batch_size == 8
+    assert "batches shrunk (low headroom)" in out.getvalue() and "3× to 8" in out.getvalue()
+
+
+def test_low_headroom_without_adaptive_warns_once_with_the_remedy():
+    clock = FakeClock()
+    monitor, _ = make(AvailableReader([10_000, 150, 100, 20]), clock, min_headroom_bytes=200 * MiB)
+    with pytest.warns(ResourceWarning) as record:
+        run_epoch(monitor, clock, steps=3)
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1 and "Pass adaptive=True to autobatch.fit to shrink batches instead" in messages[0]
+
+
+def test_headroom_counts_the_growth_the_plan_still_expects_and_defaults_to_its_margin():
+    from autobatch import Budget, ProbeResult, StepTrial, make_plan
+
+    probe = ProbeResult(
+        n_samples=1000, source="in_memory", raw_bytes=0, raw_bytes_per_sample=0.0, raw_scope="t",
+        largest_shard_raw_bytes=0, sample_batch_size=32, preprocessed_bytes_per_sample=1024.0,
+        worst_preprocessed_bytes_per_sample=1024.0, worst_scope="t", preprocess_peak_bytes_per_sample=0.0,
+        output_signature=(), device="CPU", trials=(StepTrial(8, 500 * MiB), StepTrial(64, 556 * MiB)),
+    )
+    plan = make_plan(probe, [Budget("host", 1000 * MiB, "test")], max_batch_size=64, queue_batches=0)
+    monitor = MemoryMonitor(plan, console=Console(file=io.StringIO()), reader=AvailableReader([0]), background=False)
+    assert monitor.min_headroom_bytes == 1000 * MiB - plan.budget("host").usable_bytes  # the 10% safety margin
+    reading = MemoryReading(400 * MiB, 400 * MiB, 1000 * MiB)
+    assert monitor.headroom_bytes(reading) == 1000 * MiB - (plan.predicted_peak_bytes - 400 * MiB)
+
+
+def test_adaptive_needs_a_feed_that_can_shrink():
+    with pytest.raises(ConfigError) as excinfo:
+        MemoryMonitor(host_budget_bytes=MiB, adaptive=True, console=Console(file=io.StringIO()))
+    assert "adaptive=True" in str(excinfo.value) and "feed=" in str(excinfo.value)

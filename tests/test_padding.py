@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from autobatch.errors import ConfigError, DataError
-from autobatch.padding import bucket_length, pad_columns, pad_sequences_batch
+from autobatch.padding import bucket_length, count_truncations, pad_columns, pad_sequences_batch
 
 
 def _sequences(seed: int, *, n: int = 12, feature_shape: tuple[int, ...] = ()) -> list[np.ndarray]:
@@ -128,3 +128,45 @@ def test_pad_columns_pads_each_column_to_its_own_length() -> None:
     np.testing.assert_array_equal(capped["in2"][0], [4, 5, 6, 7])  # truncating="pre" keeps the end
     with pytest.raises(DataError, match=r"\['in3'\]"):
         pad_columns(frame, ["in1", "in3"])
+
+
+# --------------------------------------------------------------------------- bad values and truncation reports
+
+
+def test_a_value_that_is_not_a_number_names_the_sequence_and_the_value() -> None:
+    with pytest.raises(DataError) as excinfo:
+        pad_sequences_batch(["0.5 1", "1.0 abc 2", "3"])
+    assert "sequence 1 holds 'abc', which is not a float32 number" in str(excinfo.value)
+    assert excinfo.value.row == 1
+    with pytest.raises(DataError) as excinfo:
+        pad_sequences_batch([[1.0, 2.0], [3.0], ["4", "x"]])
+    assert "sequence 2 holds 'x'" in str(excinfo.value) and excinfo.value.row == 2
+    with pytest.raises(DataError) as excinfo:
+        pad_sequences_batch(["1 2", float("nan")])  # an empty CSV cell reads as NaN
+    assert "sequence 1 is missing" in str(excinfo.value) and excinfo.value.row == 1
+
+
+def test_pad_columns_names_the_column_and_the_row_label() -> None:
+    frame = pd.DataFrame({"in1": ["1 2", "3", "1.0 abc 2"], "in2": ["1", "2", "3"]}, index=[10, 11, 12])
+    with pytest.raises(DataError) as excinfo:
+        pad_columns(frame, ["in2", "in1"])
+    message = str(excinfo.value)
+    assert message.startswith("column 'in1', row 2 of the batch (index label 12): sequence 2 holds 'abc'"), message
+    assert excinfo.value.row == 2
+
+
+def test_truncation_to_maxlen_is_counted_per_column() -> None:
+    frame = pd.DataFrame({"a": [[1, 2, 3], [1], [1, 2, 3, 4, 5]], "b": [[1], [2], [3]]})
+    with count_truncations() as outer:
+        out = pad_columns(frame, ["a", "b"], maxlen=2)
+        with count_truncations() as inner:
+            pad_sequences_batch([[1, 2, 3]], maxlen=1)
+    assert out["a"].shape == (3, 2)
+    # "a": two sequences cut (3 -> 2 and 5 -> 2, dropping 1 + 3 steps); "b" fits; then one more cut of 2 steps.
+    assert (outer.sequences, outer.values, outer.by_column, outer.maxlen) == (3, 6, {"a": 2}, {"a": 2})
+    assert (inner.sequences, inner.values, inner.by_column) == (1, 2, {})
+    with count_truncations() as none:
+        pad_sequences_batch([[1, 2, 3]], bucket=64, maxlen=64)  # the bucket pads, nothing is cut
+        pad_sequences_batch([[1, 2, 3]])
+    assert none.sequences == 0
+    pad_sequences_batch([[1, 2, 3]], maxlen=1)  # outside any block: nothing to count, nothing fails

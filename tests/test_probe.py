@@ -84,6 +84,13 @@ def _dtype_depends_on_length(x, y):
     return inputs, targets
 
 
+def _rank_depends_on_length(x, y):
+    inputs, targets = canonical.preprocess(x, y)
+    if inputs["in1"].shape[1] > 100:
+        inputs["in1"] = inputs["in1"][..., 0]
+    return inputs, targets
+
+
 def _raises(x, y):
     raise ValueError("bad row")
 
@@ -97,6 +104,7 @@ def _raises(x, y):
         (_keys_depend_on_length, "different arrays for different batches"),
         (_dtype_depends_on_length, "float64[3-D] on a random batch but float32[3-D] on the batch of smallest rows"),
         (lambda x, y: ({"in1": x["in1"].to_numpy()}, y), "dtype object"),
+        (_rank_depends_on_length, "float32[2-D] on a random batch but float32[3-D] on the batch of smallest rows"),
     ],
 )
 def test_preprocess_errors_say_what_and_where(frame, fn, message):
@@ -109,6 +117,17 @@ def test_default_preprocess_refuses_sequence_columns(frame):
     with pytest.raises(PreprocessError) as excinfo:
         autobatch.probe(frame, "label", cache=False)
     assert "column 'in1'" in str(excinfo.value) and "pass a `preprocess`" in str(excinfo.value)
+
+
+def test_text_in_a_numeric_column_is_a_data_error_naming_column_and_row():
+    df = pd.DataFrame({"a": np.arange(40.0), "label": np.arange(40) % 2}, index=[f"r{i}" for i in range(40)])
+    df["a"] = df["a"].astype(object)
+    df.loc["r21", "a"] = "oops"
+    with pytest.raises(autobatch.DataError) as excinfo:
+        autobatch.probe(df, "label", sample_batch_size=40, cache=False)
+    message = str(excinfo.value)
+    assert "column 'a' of x holds 'oops'" in message and "(index label 'r21')" in message, message
+    assert "not a number" in message and "on a random batch" in message
 
 
 def test_numeric_frame_needs_no_preprocess():
@@ -166,6 +185,60 @@ def test_trial_over_its_memory_limit_is_stopped_and_reported(frame, small_model_
         assert again.fits and again.peak_rss_bytes > 64 * 1024**2
 
 
+class _DataLimitedProber:
+    """Confirms with the real prober, after capping the child's heap (RLIMIT_DATA) just above what it holds now.
+
+    A trial that needs more than ``allowance_bytes`` then really runs out of memory inside the child (malloc
+    fails: TensorFlow reports it or the child dies of it), with no watchdog involved; a child started to replace
+    a dead one gets the same cap.
+    """
+
+    def __init__(self, prober, allowance_bytes):
+        self.prober = prober
+        self.allowance_bytes = allowance_bytes
+        self.tried = []
+
+    def confirm(self, result, batch_size, *, rss_limit_bytes):
+        import resource
+
+        pid = self.prober._child_process().proc.pid
+        with open(f"/proc/{pid}/status") as fh:
+            data = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmData:"))
+        cap = data + self.allowance_bytes
+        resource.prlimit(pid, resource.RLIMIT_DATA, (cap, resource.RLIM_INFINITY))  # soft: may be moved again
+        self.tried.append(batch_size)
+        return self.prober.confirm(result, batch_size, rss_limit_bytes=None)
+
+
+def test_a_trial_that_really_runs_out_of_memory_steps_the_plan_down():
+    import keras
+
+    from autobatch._memory import Budget
+    from autobatch.api import confirm_plan
+
+    # 32 MiB of activations per 1024 samples: large batches need far more than the child's cap allows.
+    inputs = keras.Input((512,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Dense(8192, activation="relu")(inputs)))
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.random.default_rng(0).standard_normal((4096, 512)).astype(np.float32)
+    y = np.zeros((4096, 1), np.float32)
+    with Prober(x, y, model=model, trial_batch_sizes=(8, 32)) as prober:
+        measured = prober.measure()
+        limited = _DataLimitedProber(prober, allowance_bytes=96 * 1024**2)
+        budgets = [Budget("host", 64 * 1024**3, "test")]  # the budget allows everything: only the real OOM limits
+        plan, final = confirm_plan(limited, measured, budgets, queue_batches=0, multiple_of=512)
+    failed = [t for t in final.trials if not t.fits]
+    assert failed, [(t.batch_size, t.note) for t in final.trials]
+    assert all("out of memory" in t.note or "killed by signal" in t.note for t in failed), [t.note for t in failed]
+    # Each failure bisects below it; the plan is a size that really trained under the cap.
+    sizes = [t.batch_size for t in failed]
+    assert sizes == sorted(sizes, reverse=True) and limited.tried[0] == 4096
+    assert plan.confirmed and plan.batch_size < min(sizes)
+    assert any(t.fits and t.batch_size == plan.confirmed_batch_size for t in final.trials[2:])
+    assert "does not fit" in str(final)
+    print(f"real OOM at {sizes} ({[t.note for t in failed]}); confirmed batch {plan.batch_size} (tried {limited.tried})")
+
+
 def test_hanging_child_is_killed_after_the_timeout(frame, tmp_path, monkeypatch):
     (tmp_path / "slow.py").write_text("import time\ndef build():\n    time.sleep(60)\n")
     monkeypatch.chdir(tmp_path)
@@ -186,6 +259,27 @@ def test_second_probe_answers_from_cache_and_corrupt_entries_are_rebuilt(frame):
     entry.write_text("{ not json")
     third = autobatch.probe(frame, "label", preprocess=canonical.preprocess)
     assert not third.from_cache and json.loads(entry.read_text())["key"] == first.cache_key
+
+
+def test_a_cache_entry_that_parses_but_is_not_a_result_is_rebuilt(frame):
+    first = autobatch.probe(frame, "label", preprocess=canonical.preprocess)
+    entry = cache_dir() / f"{first.cache_key}.json"
+    for broken in ({"n_samples": 300}, {**first.to_dict(), "trials": "not a list"}, {**first.to_dict(), "n_samples": 0}):
+        entry.write_text(json.dumps({"format": 1, "key": first.cache_key, "value": broken}))
+        again = autobatch.probe(frame, "label", preprocess=canonical.preprocess)
+        assert not again.from_cache and again.worst_preprocessed_bytes_per_sample == first.worst_preprocessed_bytes_per_sample
+        assert json.loads(entry.read_text())["value"]["n_samples"] == len(frame), "rewritten with a valid result"
+
+
+def test_cache_writes_are_atomic_and_leave_no_temp_files(tmp_path):
+    from autobatch import _cache
+
+    assert _cache.store("k", {"a": 1}, tmp_path) == tmp_path / "k.json"
+    (tmp_path / ".k.crashed.tmp").write_text('{"format": 1, "key": "k", "value": {"a": 2}')  # an interrupted write
+    assert _cache.load("k", tmp_path) == {"a": 1}, "a temp file is never read"
+    assert _cache.store("k", {"a": object()}, tmp_path) is None  # cannot be written: logged, not raised
+    assert _cache.load("k", tmp_path) == {"a": 1}, "the old entry survives a failed write"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".k.crashed.tmp", "k.json"], "the failed write cleaned up"
 
 
 def test_cache_key_changes_with_preprocess_and_data(frame):

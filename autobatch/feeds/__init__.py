@@ -68,7 +68,7 @@ def make_feed(
         seed: seed of the shuffle and of the validation split.
         validation_split: hold out this fraction (rows in memory, whole shards
             when streaming) and return ``(train, validation)``.
-        **options: passed to the feed (``drop_remainder``, ``sample_weight``,
+        **options: passed to the feed (``drop_remainder``, ``sample_weight``, ``nan_policy``,
             ``output_signature``, ``workers``, ``max_queue_size``, ``read_ahead`` …).
 
     Returns:

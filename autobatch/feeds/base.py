@@ -7,6 +7,19 @@ order; the base cuts the epoch into batches, runs ``preprocess`` and checks that
 every batch has the same arrays, dtypes and ranks as the first one (or as the
 probe measured), so a drifting ``preprocess`` fails on the batch that drifted
 instead of deep inside TensorFlow.
+
+Every batch is also checked for NaN/inf values (``nan_policy``), and the
+sequences ``preprocess`` truncates to a fixed ``maxlen`` with autobatch's padding
+helpers are counted (``feed.stats.truncated_sequences``). Errors about one
+row name where it came from: the row of the in-memory data, or the shard file
+and its row.
+
+Resume semantics: a feed serves epoch ``feed.epoch`` and moves to the next one
+only when the last batch of the epoch has been produced (``on_epoch_end``, which
+Keras calls for a ``PyDataset`` and :meth:`BaseFeed.to_tf_dataset` calls itself).
+A pass that stops early (an exception, ``KeyboardInterrupt``) leaves the epoch as
+it was, so the next pass serves the same epoch from its first batch, in the same
+order: every sample exactly once in that pass.
 """
 
 from __future__ import annotations
@@ -16,20 +29,24 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import keras
 import numpy as np
 
 from autobatch._units import format_bytes
-from autobatch.errors import ConfigError, PreprocessError
+from autobatch.errors import AutobatchError, ConfigError, DataError, PreprocessError
+from autobatch.padding import count_truncations
 from autobatch.probe import Preprocess, TensorSpec, _leaves, _resolve_preprocess
 
 logger = logging.getLogger(__name__)
 
 SAMPLE_WEIGHT = "sample_weight"
 """Name of the sample-weight array in signatures (the probe names inputs ``x/...`` and targets ``y...``)."""
+
+NanPolicy = Literal["warn", "error", "ignore"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +58,8 @@ class RawBatch:
     sample_weight: np.ndarray | None
     where: str
     """Where the rows came from, for error messages (e.g. ``"shard 'data/3.csv'"``)."""
+    origin: Callable[[int], str] | None = None
+    """Where row ``p`` of the batch came from (e.g. ``"row 17 of shard 'data/3.csv'"``), for error messages."""
 
 
 def _map_leaves(value: Any, fn: Callable[[str, Any], Any], prefix: str) -> Any:
@@ -56,6 +75,27 @@ def _check_batch_size(batch_size: int) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ConfigError(f"`batch_size` must be a positive int. Received: batch_size={batch_size!r}")
     return int(batch_size)
+
+
+def _check_nan_policy(nan_policy: str) -> NanPolicy:
+    if nan_policy not in ("warn", "error", "ignore"):
+        raise ConfigError(f'`nan_policy` must be "warn", "error" or "ignore". Received: nan_policy={nan_policy!r}')
+    return nan_policy  # type: ignore[return-value]
+
+
+def _nonfinite_rows(array: np.ndarray) -> np.ndarray | None:
+    """Per row, whether it holds NaN or inf; ``None`` when every value is finite (or the dtype cannot hold NaN)."""
+    if array.dtype.kind not in "fc" or array.size == 0:
+        return None
+    # One pass without a temporary: a NaN or inf anywhere makes the sum non-finite (so does overflow, checked next).
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = array.sum(dtype=np.complex128 if array.dtype.kind == "c" else np.float64)
+    if np.isfinite(total):
+        return None
+    bad = ~np.isfinite(array)
+    if not bad.any():
+        return None
+    return bad.reshape(len(array), -1).any(axis=1)
 
 
 def check_fraction(validation_split: float) -> float:
@@ -75,6 +115,12 @@ class FeedStats:
 
     batches: int = 0
     seconds: float = 0.0
+    truncated_sequences: int = 0
+    """Sequences ``preprocess`` cut to a fixed ``maxlen`` with autobatch's padding helpers, over all batches served."""
+    truncated_by_column: dict[str, int] = dataclasses.field(default_factory=dict)
+    """The same, per column (for :func:`autobatch.pad_columns`)."""
+    nonfinite_batches: int = 0
+    """Batches that held NaN or inf values after ``preprocess`` (with ``nan_policy="warn"``)."""
 
 
 class BaseFeed(keras.utils.PyDataset):
@@ -93,12 +139,15 @@ class BaseFeed(keras.utils.PyDataset):
         drop_remainder: bool = False,
         output_signature: Sequence[TensorSpec] | None = None,
         max_batch_bytes: int | None = None,
+        nan_policy: NanPolicy = "warn",
         workers: int = 1,
         use_multiprocessing: bool = False,
         max_queue_size: int = 10,
     ) -> None:
         super().__init__(workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size)
         self.batch_size = _check_batch_size(batch_size)
+        self.nan_policy = _check_nan_policy(nan_policy)
+        self._pieces = 1
         self._preprocess_arg = preprocess
         self.preprocess = _resolve_preprocess(preprocess)
         self.shuffle = bool(shuffle)
@@ -119,6 +168,9 @@ class BaseFeed(keras.utils.PyDataset):
             specs = {s.name: (s.dtype, len(s.shape)) for s in self.output_signature}
             self._reference = (specs, "the batch the probe measured")
         self._warned_bytes = False
+        self._warned: set[str] = set()
+        self._failure: AutobatchError | None = None
+        self._pass: list[tuple[int, int]] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Locks, threads and caches stay behind; Keras' multiprocessing workers rebuild them.
@@ -132,7 +184,7 @@ class BaseFeed(keras.utils.PyDataset):
         self._init_runtime()
 
     def _runtime_keys(self) -> tuple[str, ...]:
-        return ("_lock", "_reference", "_warned_bytes")
+        return ("_lock", "_reference", "_warned_bytes", "_warned", "_failure", "_pass")
 
     # ------------------------------------------------------------------ what subclasses provide
 
@@ -159,6 +211,7 @@ class BaseFeed(keras.utils.PyDataset):
             drop_remainder=self.drop_remainder,
             output_signature=self.output_signature,
             max_batch_bytes=self.max_batch_bytes,
+            nan_policy=self.nan_policy,
             workers=self._workers,
             use_multiprocessing=self._use_multiprocessing,
             max_queue_size=self._max_queue_size,
@@ -204,19 +257,32 @@ class BaseFeed(keras.utils.PyDataset):
 
         Raises:
             IndexError: ``index`` is out of range.
-            DataError: a shard cannot be read.
+            DataError: a shard cannot be read, or the batch holds bad values (a
+                value that is not a number, NaN/inf with ``nan_policy="error"``);
+                the message names the file or data row.
             PreprocessError: ``preprocess`` failed or returned arrays unlike the previous batches'.
         """
-        started = time.perf_counter()
         if index < 0:
             index += len(self)
         lo, hi = self.batch_bounds(index)
+        return self._serve(lo, hi, index)
+
+    def _serve(self, lo: int, hi: int, index: int, *, record: bool = True) -> tuple[Any, ...]:
+        """Rows ``[lo, hi)`` of the epoch's order (all of batch ``index``, or a piece of it), preprocessed and checked.
+
+        ``record=False`` leaves the statistics alone (a batch looked at to infer a signature).
+        """
+        started = time.perf_counter()
         raw = self._rows(lo, hi, index)
         where = f"batch {index} (rows {lo}-{hi - 1} of epoch {self._epoch}{', ' + raw.where if raw.where else ''})"
         try:
-            result = self.preprocess(raw.x, raw.y)
+            with count_truncations() as cut:
+                result = self.preprocess(raw.x, raw.y)
         except PreprocessError as exc:  # already says what is wrong (e.g. the default preprocess); add where
             raise PreprocessError(f"{exc} (on {where})") from exc
+        except DataError as exc:  # bad data found by autobatch's helpers: name the row's origin too
+            origin = f"; that is {raw.origin(exc.row)}" if exc.row is not None and raw.origin is not None else ""
+            raise DataError(f"{exc} (on {where}{origin})") from exc
         except Exception as exc:
             raise PreprocessError(
                 f"preprocess raised {type(exc).__name__}: {exc} on {where}. Fix the function or the data it chokes on."
@@ -226,17 +292,53 @@ class BaseFeed(keras.utils.PyDataset):
                 f"preprocess must return a pair (inputs, targets); on {where} it returned {type(result).__name__}."
             )
         inputs, targets = result
-        self._check(inputs, targets, hi - lo, where)
-        with self._lock:
-            self.stats.batches += 1
-            self.stats.seconds += time.perf_counter() - started
+        self._check(inputs, targets, hi - lo, where, raw.origin, record=record)
+        if record:
+            with self._lock:
+                self.stats.batches += 1
+                self.stats.seconds += time.perf_counter() - started
+                if cut.sequences:
+                    self.stats.truncated_sequences += cut.sequences
+                    for name, count in cut.by_column.items():
+                        self.stats.truncated_by_column[name] = self.stats.truncated_by_column.get(name, 0) + count
+            if cut.sequences:
+                self._report_truncation(cut.sequences, cut.by_column, cut.maxlen, where)
         if targets is None:
             return (inputs,)
         if raw.sample_weight is not None:
             return inputs, targets, raw.sample_weight
         return inputs, targets
 
-    def _check(self, inputs: Any, targets: Any, rows: int, where: str) -> None:
+    def _warn_once(self, key: str, message: str, category: type[Warning]) -> None:
+        with self._lock:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        logger.warning("%s", message)
+        warnings.warn(message, category, stacklevel=4)
+
+    def _report_truncation(self, count: int, by_column: dict[str, int], maxlen: dict[str, int], where: str) -> None:
+        columns = ", ".join(f"{name!r} cut to {maxlen[name]}: {n}" for name, n in by_column.items())
+        logger.debug("%d sequence(s) truncated on %s (%s)", count, where, columns)
+        self._warn_once(
+            "truncation",
+            f"preprocess truncated {count} sequence(s) longer than maxlen on {where}"
+            + (f" ({columns})" if columns else "")
+            + "; later batches are counted in feed.stats.truncated_sequences (and the monitor's summary), not warned "
+            "about again. Raise maxlen if those time steps matter.",
+            UserWarning,
+        )
+
+    def _check(
+        self,
+        inputs: Any,
+        targets: Any,
+        rows: int,
+        where: str,
+        origin: Callable[[int], str] | None = None,
+        *,
+        record: bool = True,
+    ) -> None:
         leaves = {**_leaves(inputs, "x", where), **_leaves(targets, "y", where)}
         if not leaves:
             raise PreprocessError(f"preprocess returned no arrays on {where}.")
@@ -265,6 +367,8 @@ class BaseFeed(keras.utils.PyDataset):
                     f"{want_dtype} ({want_ndim}-D, as on {first}), received {dtype} ({ndim}-D) on {where}. "
                     "Cast explicitly (e.g. .astype('float32')) and pad to the same number of axes."
                 )
+        if self.nan_policy != "ignore":
+            self._check_finite(leaves, where, origin, record=record)
         if self.max_batch_bytes is not None and not self._warned_bytes:
             nbytes = sum(int(a.nbytes) for a in leaves.values())
             if nbytes > self.max_batch_bytes:
@@ -276,6 +380,99 @@ class BaseFeed(keras.utils.PyDataset):
                     format_bytes(nbytes),
                     format_bytes(self.max_batch_bytes),
                 )
+
+    def _check_finite(
+        self, leaves: dict[str, np.ndarray], where: str, origin: Callable[[int], str] | None, *, record: bool
+    ) -> None:
+        found = False
+        for name, array in leaves.items():
+            bad_rows = _nonfinite_rows(array)
+            if bad_rows is None:
+                continue
+            found = True
+            first = int(np.argmax(bad_rows))
+            values = int((~np.isfinite(array)).sum())
+            message = (
+                f"{name} holds {values} NaN/inf value(s) in {int(bad_rows.sum())} row(s) on {where}; the first is row "
+                f"{first} of the batch" + (f" ({origin(first)})" if origin is not None else "") + ". NaN or inf "
+                "inputs make the loss NaN: clean the data (or what preprocess computes from it)"
+            )
+            if self.nan_policy == "error":
+                raise DataError(message + ", or pass nan_policy='warn' or 'ignore'.")
+            self._warn_once(
+                f"nonfinite:{name}",
+                message + ". Later batches are counted in feed.stats.nonfinite_batches, not warned about again; "
+                "pass nan_policy='error' to stop at the first one or 'ignore' to skip the check.",
+                RuntimeWarning,
+            )
+        if found and record:
+            with self._lock:
+                self.stats.nonfinite_batches += 1
+
+    # ------------------------------------------------------------------ memory pressure
+
+    @property
+    def pieces(self) -> int:
+        """How many pieces :meth:`to_tf_dataset` (``adaptive=True``) cuts each following batch into (1: whole)."""
+        return self._pieces
+
+    @property
+    def current_batch_size(self) -> int:
+        """The largest batch served now: ``ceil(batch_size / pieces)``."""
+        return math.ceil(self.batch_size / self._pieces)
+
+    def shrink(self, factor: int = 2) -> int:
+        """Serve the following batches in ``factor`` times as many, smaller pieces, to use less memory per step.
+
+        Only a dataset made with ``to_tf_dataset(adaptive=True)`` follows it (a
+        ``PyDataset``'s batches are fixed by ``len``). The epoch's order and the
+        batch boundaries stay as they are, so every sample is still served exactly
+        once per epoch; each batch not yet produced is split into ``pieces``
+        nearly equal parts. A piece is never smaller than one row.
+
+        Args:
+            factor: multiply the number of pieces by this (>= 2).
+
+        Returns:
+            The number of pieces per batch from now on.
+
+        Raises:
+            ConfigError: ``factor`` is not an int >= 2.
+        """
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
+            raise ConfigError(f"`factor` must be an int >= 2. Received: factor={factor!r}")
+        with self._lock:
+            before = self._pieces
+            self._pieces = min(before * factor, self.batch_size)
+            after = self._pieces
+        if after != before:
+            logger.warning(
+                "serving batches of at most %d samples (batch %d in %d pieces) to use less memory",
+                math.ceil(self.batch_size / after),
+                self.batch_size,
+                after,
+            )
+        return after
+
+    def step_rows(self, step: int) -> int | None:
+        """Rows in element ``step`` of the latest ``to_tf_dataset`` pass (``None`` if that pass has not produced it)."""
+        current = self._pass
+        if current is None or not 0 <= step < len(current):
+            return None
+        return current[step][0]
+
+    def step_pieces(self, step: int) -> int | None:
+        """How many pieces the batch of element ``step`` of the latest ``to_tf_dataset`` pass was cut into."""
+        current = self._pass
+        if current is None or not 0 <= step < len(current):
+            return None
+        return current[step][1]
+
+    def _pop_failure(self) -> AutobatchError | None:
+        """The autobatch error that stopped the latest ``to_tf_dataset`` pass, once (TensorFlow re-wraps it)."""
+        with self._lock:
+            failure, self._failure = self._failure, None
+        return failure
 
     # ------------------------------------------------------------------ tf.data export
 
@@ -317,11 +514,14 @@ class BaseFeed(keras.utils.PyDataset):
         *,
         infer_batches: int = 2,
         prefetch: int | Literal["autotune"] = "autotune",
+        adaptive: bool = False,
     ) -> Any:
         """This feed as a ``tf.data.Dataset`` of the same batches, prefetched with ``AUTOTUNE``.
 
-        Each full pass over the dataset is one epoch of the feed: after the last
-        batch the feed moves to the next epoch's shuffle order, as with Keras.
+        Each full pass over the dataset is one epoch of the feed: as the last
+        batch is produced the feed moves to the next epoch's shuffle order, as
+        with Keras. A pass that stops early leaves the epoch unchanged (see the
+        module's resume semantics).
 
         Args:
             output_signature: the probe's :class:`~autobatch.TensorSpec` tuple
@@ -331,10 +531,18 @@ class BaseFeed(keras.utils.PyDataset):
             infer_batches: how many batches to look at when inferring.
             prefetch: batches to prefetch: ``"autotune"`` (tf.data decides), or a fixed
                 number — what a memory plan budgets (``plan.queue_batches``).
+            adaptive: follow :meth:`shrink`: each batch is produced in ``self.pieces``
+                pieces, so an epoch may hold more elements than ``len(self)``. The
+                dataset then reports the rows per epoch as its ``cardinality()`` (an
+                upper bound: Keras, told an unknown count, would fix every epoch at the
+                first epoch's count) and each pass ends when the epoch's rows are
+                served; Keras warns "Your input ran out of data" at the end of each epoch,
+                which :func:`autobatch.fit` silences.
 
         Returns:
             A ``tf.data.Dataset`` of ``(inputs, targets[, sample_weight])`` with an
-            exact ``element_spec`` and known cardinality ``len(self)``.
+            exact ``element_spec`` and known cardinality ``len(self)`` (rows per epoch
+            with ``adaptive``).
 
         Raises:
             PreprocessError: ``output_signature`` disagrees with the first batch's
@@ -349,7 +557,10 @@ class BaseFeed(keras.utils.PyDataset):
         count = len(self)
         if count == 0:
             raise ConfigError("the feed has no batches (drop_remainder=True with fewer samples than batch_size).")
-        looked = [self[i] for i in range(min(max(infer_batches, 1), count) if signature_specs is None else 1)]
+        looked = [
+            self._serve(*self.batch_bounds(i), i, record=False)
+            for i in range(min(max(infer_batches, 1), count) if signature_specs is None else 1)
+        ]
         signature = self._tf_signature(looked, signature_specs)
         flat_specs = tf.nest.flatten(signature)
 
@@ -365,14 +576,47 @@ class BaseFeed(keras.utils.PyDataset):
                     )
             return converted
 
-        def generate() -> Any:
-            for i in range(len(self)):
-                yield as_tf(self[i], i)
-            self.on_epoch_end()
+        def generate() -> Iterator[tuple[Any, ...]]:
+            rows_log: list[tuple[int, int]] = []
+            with self._lock:
+                self._pass = rows_log  # what the monitor reads: (rows, pieces of its batch) of each element, in order
+            try:
+                yield from self._pass_elements(as_tf, rows_log, adaptive)
+            except AutobatchError as exc:
+                with self._lock:
+                    self._failure = exc  # TensorFlow re-raises it as UnknownError; autobatch.fit restores it
+                raise
 
         dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
-        dataset = dataset.apply(tf.data.experimental.assert_cardinality(count))
-        return dataset.prefetch(tf.data.AUTOTUNE if prefetch == "autotune" else int(prefetch))
+        if not adaptive:
+            dataset = dataset.apply(tf.data.experimental.assert_cardinality(count))
+        dataset = dataset.prefetch(tf.data.AUTOTUNE if prefetch == "autotune" else int(prefetch))
+        if adaptive:
+            upper = count * self.batch_size if self.drop_remainder else self.n_samples
+            dataset.cardinality = lambda: tf.constant(upper, dtype=tf.int64)
+        return dataset
+
+    def _pass_elements(
+        self,
+        as_tf: Callable[[tuple[Any, ...], int], tuple[Any, ...]],
+        rows_log: list[tuple[int, int]],
+        adaptive: bool,
+    ) -> Iterator[tuple[Any, ...]]:
+        """One epoch's elements: each batch whole, or (``adaptive``) in ``self.pieces`` pieces."""
+        count = len(self)
+        for i in range(count):
+            lo, hi = self.batch_bounds(i)
+            split = self._pieces if adaptive else 1
+            pieces = min(split, hi - lo)
+            cuts = np.linspace(lo, hi, pieces + 1).round().astype(np.int64)
+            for j in range(pieces):
+                element = as_tf(self._serve(int(cuts[j]), int(cuts[j + 1]), i), i)
+                rows_log.append((int(cuts[j + 1] - cuts[j]), split))
+                if i == count - 1 and j == pieces - 1:
+                    # The epoch is complete once its last batch exists: advance now, not after the consumer asks
+                    # for one more element (Keras stops at the known count and may never ask).
+                    self.on_epoch_end()
+                yield element
 
     def __repr__(self) -> str:
         return (

@@ -39,6 +39,9 @@ class InMemoryFeed(BaseFeed):
             every batch is checked against it, and :meth:`to_tf_dataset` uses it.
         max_batch_bytes: the probe's worst-case bytes of one preprocessed batch;
             a larger batch logs one warning.
+        nan_policy: a batch holding NaN or inf after ``preprocess``: ``"warn"``
+            (once per array; counted in ``stats.nonfinite_batches``), ``"error"``
+            (a ``DataError`` naming the array, the batch and the row) or ``"ignore"``.
         workers: Keras ``PyDataset`` workers (threads unless ``use_multiprocessing``).
         use_multiprocessing: let Keras use processes (the feed must pickle).
         max_queue_size: batches Keras keeps waiting when ``workers`` > 1.
@@ -133,7 +136,16 @@ class InMemoryFeed(BaseFeed):
         rows = self.epoch_order()[lo:hi]
         batch_x, batch_y = self.data.take(rows)
         weights = self.sample_weight[rows] if self.sample_weight is not None else None
-        return RawBatch(batch_x, batch_y, weights, "")
+        return RawBatch(batch_x, batch_y, weights, "", origin=lambda p: self._describe_row(int(rows[p])))
+
+    def _describe_row(self, row: int) -> str:
+        """``row`` (a position in the data) as a message names it, with its index label for a DataFrame."""
+        text = f"row {row} of the data"
+        index = getattr(self.data.x, "index", None)
+        if index is not None:
+            label = index[row]
+            text += f" (index label {label.item() if isinstance(label, np.generic) else label!r})"
+        return text
 
     def split(self, validation_split: float, *, seed: int | None = None) -> tuple[InMemoryFeed, InMemoryFeed]:
         """Split off a random ``validation_split`` fraction of the rows as a validation feed.

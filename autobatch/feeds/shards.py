@@ -114,7 +114,7 @@ class ShardFeed(BaseFeed):
         drop_remainder: drop the last, smaller batch of each epoch.
         sample_weight: a column holding per-row weights, returned as the third element.
         read_ahead: files loaded in the background ahead of the current one.
-        output_signature, max_batch_bytes, workers, use_multiprocessing, max_queue_size:
+        output_signature, max_batch_bytes, nan_policy, workers, use_multiprocessing, max_queue_size:
             as for :class:`~autobatch.feeds.InMemoryFeed`.
 
     Raises:
@@ -274,9 +274,13 @@ class ShardFeed(BaseFeed):
 
     # ------------------------------------------------------------------ loading
 
+    def _read_frame(self, shard: ShardInfo) -> pd.DataFrame:
+        """Read one shard's rows (a seam for tests that exercise the batch cutting without files)."""
+        return read_shard(shard.path, columns=list(self.shards[0].columns))
+
     def _load(self, file_index: int, epoch: int) -> _LoadedShard:
         shard = self.shards[file_index]
-        frame = read_shard(shard.path, columns=list(self.shards[0].columns))
+        frame = self._read_frame(shard)
         if len(frame) != shard.n_rows:
             raise DataError(
                 f"shard {str(shard.path)!r} has {len(frame)} rows now, but {shard.n_rows} were counted when the feed "
@@ -364,6 +368,8 @@ class ShardFeed(BaseFeed):
         ahead = range(last + 1, min(last + 1 + self.read_ahead, len(order))) if sequential else range(0)
         loaded = self._fetch(range(first, last + 1), ahead, epoch, order, sequential=sequential)
         xs, ys, ws = [], [], []
+        segments: list[tuple[int, Path, np.ndarray]] = []  # (first position in the batch, file, rows of the file)
+        position = 0
         for slot, shard in zip(range(first, last + 1), loaded, strict=True):
             a = max(lo, int(starts[slot])) - int(starts[slot])
             b = min(hi, int(starts[slot + 1])) - int(starts[slot])
@@ -371,9 +377,16 @@ class ShardFeed(BaseFeed):
             xs.append(shard.x.iloc[rows])
             ys.append(shard.y.iloc[rows] if shard.y is not None else None)
             ws.append(shard.sample_weight[rows] if shard.sample_weight is not None else None)
+            segments.append((position, shard.path, np.arange(a, b) if isinstance(rows, slice) else rows))
+            position += b - a
         names = ", ".join(repr(str(s.path)) for s in loaded)
         where = f"from shard {names}" if len(loaded) == 1 else f"from shards {names}"
-        return RawBatch(_concat(xs), _concat(ys), _concat(ws), where)
+
+        def origin(p: int) -> str:
+            start, path, file_rows = next(seg for seg in reversed(segments) if seg[0] <= p)
+            return f"row {int(file_rows[p - start])} of shard {str(path)!r} (0-based, not counting the header)"
+
+        return RawBatch(_concat(xs), _concat(ys), _concat(ws), where, origin=origin)
 
     # ------------------------------------------------------------------ splitting
 
