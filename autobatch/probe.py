@@ -518,6 +518,12 @@ class _Child:
                 self.proc.wait(timeout=10)
             except (OSError, subprocess.TimeoutExpired):
                 self.kill()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
         self._stderr.close()
 
 
@@ -690,6 +696,9 @@ class Prober:
 
     def _child_process(self) -> _Child:
         if self._child is None or self._child.proc.poll() is not None:
+            if self._child is not None:
+                self._child.close()  # a child that died or was stopped: release its pipes
+                self._child = None
             self.cache_key()
             assert self._model_ref is not None
             self._child = _Child(
