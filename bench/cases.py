@@ -7,6 +7,7 @@ child process (``bench/child.py``) and compare peak RSS (``VmHWM``).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
 import tempfile
@@ -75,23 +76,34 @@ class Row:
 
 
 class Context:
-    """Sizes, a fresh probe cache, and the planned runs that several benchmarks share."""
+    """Sizes, a fresh probe cache, and the child runs that several benchmarks share.
+
+    Child runs are futures: ``prefetch`` starts them early (the quick smoke run
+    overlaps them with everything else, as its timings mean nothing anyway);
+    otherwise each starts when first needed and runs alone, so it does not
+    disturb the timed comparisons.
+    """
 
     def __init__(self, sizes: workload.Sizes, *, log: Callable[[str], None]) -> None:
         self.sizes = sizes
         self.log = log
         self._tmp = tempfile.TemporaryDirectory(prefix="autobatch-bench-")
         self.cache_dir = Path(self._tmp.name) / "cache"
-        self._planned: dict[tuple[str, float], dict[str, Any]] = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="bench-child")
+        self._runs: dict[str, concurrent.futures.Future[dict[str, Any]]] = {}
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
         self._tmp.cleanup()
 
     def rows(self, size: str) -> int:
         return self.sizes.small_rows if size == "small" else self.sizes.large_rows
 
-    def child(self, job: dict[str, Any]) -> dict[str, Any]:
-        return run_child(job, cache_dir=self.cache_dir)
+    def _start(self, key: str, job: dict[str, Any], what: str) -> concurrent.futures.Future[dict[str, Any]]:
+        if key not in self._runs:
+            self.log(what)
+            self._runs[key] = self._pool.submit(run_child, job, cache_dir=self.cache_dir)
+        return self._runs[key]
 
     def fit_run(self, size: str, *, safety: float = 0.1, force_batch_size: int | None = None) -> dict[str, Any]:
         """``autobatch.fit`` in a fresh process (see ``child.fit_job``)."""
@@ -103,15 +115,43 @@ class Context:
             "safety": safety,
             "force_batch_size": force_batch_size,
         }
-        return self.child(job)
+        return self._start(f"fit {job}", job, f"autobatch.fit at batch {force_batch_size} in a child process").result()
+
+    def _planned_future(self, size: str, safety: float) -> concurrent.futures.Future[dict[str, Any]]:
+        job = {
+            "job": "fit",
+            "rows": self.rows(size),
+            "epochs": self.sizes.epochs,
+            "ram_limit": self.sizes.ram_limit,
+            "safety": safety,
+            "force_batch_size": None,
+        }
+        what = f"autobatch.fit in a child process ({size}, {self.rows(size)} rows, safety {safety:g})"
+        return self._start(f"planned {size} {safety}", job, what)
 
     def planned(self, size: str, *, safety: float = 0.1) -> dict[str, Any]:
         """The planned run of ``size``: the first one probes with an empty cache (what the probe costs)."""
-        key = (size, safety)
-        if key not in self._planned:
-            self.log(f"autobatch.fit in a child process ({size}, {self.rows(size)} rows, safety {safety})")
-            self._planned[key] = self.fit_run(size, safety=safety)
-        return self._planned[key]
+        return self._planned_future(size, safety).result()
+
+    def _stream_future(self, count: int) -> concurrent.futures.Future[dict[str, Any]]:
+        s = self.sizes
+        files = workload.stream_shards("parquet", rows_per_shard=s.shard_rows, shards=s.shards_10x)
+        job = {"job": "stream", "files": [str(f) for f in files[:count]], "batch_size": s.stream_batch_size, "epochs": 1}
+        return self._start(f"stream {count}", job, f"streaming {count} Parquet shards in a child process")
+
+    def stream_runs(self, counts: list[int]) -> dict[int, dict[str, Any]]:
+        """Streaming runs over the first ``count`` Parquet shards, each in its own process, side by side."""
+        futures = {count: self._stream_future(count) for count in counts}
+        return {count: future.result() for count, future in futures.items()}
+
+    def prefetch(self, names: list[str]) -> None:
+        """Start the child runs ``names`` will need now, to overlap with the rest (for ``--quick``)."""
+        if {"feed", "tutorial", "planning", "probe"} & set(names):
+            for size in self.sizes.sizes:
+                self._planned_future(size, 0.1)
+        if "memory" in names:
+            for count in (self.sizes.shards_1x, self.sizes.shards_10x):
+                self._stream_future(count)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -149,9 +189,9 @@ def _feed_vs_padded(model: Any, feed: Any, reps: int) -> tuple[Ratio, float]:
         feed.set_epoch(epoch)  # the same batches as the padded copy
         return timed(n, lambda: _fit_epoch(model, dataset))
 
-    before = (feed.stats.batches, feed.stats.seconds)
+    before = feed.stats.seconds
     results = interleave({"feed": on_feed, "padded": lambda: timed(n, lambda: _fit_epoch(model, padded))}, reps)
-    feed_seconds = (feed.stats.seconds - before[1]) / max(reps, 1)
+    feed_seconds = (feed.stats.seconds - before) / reps
     return ratio(results, "feed", "padded"), feed_seconds
 
 
@@ -339,7 +379,6 @@ def planning(ctx: Context) -> list[Row]:
 
     def measure(batch: int) -> bool:
         if batch not in runs:
-            ctx.log(f"planning: real run at batch {batch}")
             runs[batch] = ctx.fit_run("small", force_batch_size=batch)["peak_rss_bytes"]
             ctx.log(f"planning: batch {batch} peaked at {format_bytes(runs[batch])} (limit {format_bytes(limit)})")
         return runs[batch] <= limit
@@ -402,20 +441,9 @@ def planning(ctx: Context) -> list[Row]:
 
 
 def flat_memory(ctx: Context) -> list[Row]:
-    """Peak RSS of streaming 10× more shards ÷ 1×, each in a fresh process."""
+    """Peak RSS of streaming 10× more shards ÷ 1×, each in a fresh process (the two run side by side)."""
     s = ctx.sizes
-    files = workload.stream_shards("parquet", rows_per_shard=s.shard_rows, shards=s.shards_10x)
-    answers = {}
-    for count in (s.shards_1x, s.shards_10x):
-        ctx.log(f"flat memory: streaming {count} Parquet shards in a child process")
-        answers[count] = ctx.child(
-            {
-                "job": "stream",
-                "files": [str(f) for f in files[:count]],
-                "batch_size": s.stream_batch_size,
-                "epochs": 1,
-            }
-        )
+    answers = ctx.stream_runs([s.shards_1x, s.shards_10x])
     one, ten = answers[s.shards_1x], answers[s.shards_10x]
 
     def added(answer: dict[str, Any]) -> int:

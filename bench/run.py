@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     ctx = cases.Context(sizes, log=_log)
     rows: list[cases.Row] = []
     try:
+        if args.quick:
+            ctx.prefetch(names)
         for name in names:
             _log(f"== {name}")
             begun = time.perf_counter()
