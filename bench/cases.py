@@ -136,7 +136,12 @@ class Context:
     def _stream_future(self, count: int) -> concurrent.futures.Future[dict[str, Any]]:
         s = self.sizes
         files = workload.stream_shards("parquet", rows_per_shard=s.shard_rows, shards=s.shards_10x)
-        job = {"job": "stream", "files": [str(f) for f in files[:count]], "batch_size": s.stream_batch_size, "epochs": 1}
+        job = {
+            "job": "stream",
+            "files": [str(f) for f in files[:count]],
+            "batch_size": s.stream_batch_size,
+            "epochs": 1,
+        }
         return self._start(f"stream {count}", job, f"streaming {count} Parquet shards in a child process")
 
     def stream_runs(self, counts: list[int]) -> dict[int, dict[str, Any]]:
@@ -365,7 +370,7 @@ def _mean_padded_length(lengths: np.ndarray, batch: int) -> float:
 
 
 def planning(ctx: Context) -> list[Row]:
-    """Planned batch ÷ the true largest batch under ``ram_limit`` (bisection over real runs), predicted ÷ measured peak."""
+    """Planned ÷ true largest batch under ``ram_limit`` (bisection over real runs); predicted ÷ measured peak."""
     from autobatch._units import parse_bytes
 
     s = ctx.sizes

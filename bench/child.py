@@ -23,7 +23,6 @@ from typing import Any
 import workload
 from measure import REPLY_PREFIX
 
-import autobatch
 from autobatch._memory import peak_rss_bytes, rss_bytes
 
 
@@ -59,7 +58,8 @@ def fit_job(job: dict[str, Any]) -> dict[str, Any]:
         forced = job.get("force_batch_size")
         if forced:
             # Train exactly as autobatch.fit would at the plan's batch size, only at another one.
-            chosen = dataclasses.replace(chosen, batch_size=forced, steps_per_epoch=math.ceil(chosen.n_samples / forced))
+            steps = math.ceil(chosen.n_samples / forced)
+            chosen = dataclasses.replace(chosen, batch_size=forced, steps_per_epoch=steps)
         return chosen
 
     autobatch.api.plan = plan

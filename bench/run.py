@@ -2,7 +2,7 @@
 
 Usage::
 
-    ./dev bench                                  # all seven, full size (about 15 minutes on 2 cores)
+    ./dev bench                                  # all seven, full size (11–16 minutes on 2 cores)
     ./dev bench feed planning                    # only these
     ./dev bench --quick                          # a smoke run of everything, tiny sizes
     ./dev bench --markdown BENCHMARKS.md         # also write the results block into that file
