@@ -91,6 +91,48 @@ def test_numeric_strings_as_in_csv_shards_are_parsed() -> None:
     np.testing.assert_array_equal(out, np.array([[0.5, -1, 2], [3, 0, 0], [0, 0, 0]], dtype=np.float32))
 
 
+def _numeric_texts(seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    texts = [
+        " ".join(f"{v:.{int(rng.integers(1, 9))}g}" for v in rng.standard_normal(int(k)) * 10.0 ** rng.integers(-8, 8))
+        for k in rng.integers(0, 40, size=30)
+    ]
+    return texts + ["", "   ", "\t1e3  nan\n-inf ", ".5 1. +2", "7"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("container", ["list", "object Series", "Arrow string Series"])
+def test_numeric_text_gives_what_split_and_numpy_give(dtype, container) -> None:
+    texts = _numeric_texts(seed=len(container))
+    expected = pad_sequences_batch([np.array(t.split(), dtype=dtype) for t in texts], dtype=dtype)
+    given = {
+        "list": texts,
+        "object Series": pd.Series(texts, dtype=object),
+        "Arrow string Series": pd.Series(texts, dtype="string[pyarrow]"),
+    }[container]
+    out = pad_sequences_batch(given, dtype=dtype)
+    assert out.dtype == expected.dtype
+    np.testing.assert_array_equal(out, expected)  # NaNs compare equal here
+
+
+@pytest.mark.parametrize(
+    ("text", "values"),
+    [
+        ("1_000 2", [1000, 2]),  # numpy parses underscores, Arrow does not
+        ("1\x1c2", [1, 2]),  # Python splits on the ASCII separators \x1c-\x1f, Arrow does not
+        ("3\u00a04", [3, 4]),  # non-ASCII whitespace
+    ],
+)
+def test_numeric_text_arrow_declines_is_parsed_per_string(text, values) -> None:
+    np.testing.assert_array_equal(pad_sequences_batch([text, "5"]), [values, [5, 0]])
+
+
+def test_numeric_text_with_a_missing_value_names_it() -> None:
+    # As pandas reads a CSV with an empty sequence cell: the str dtype, missing as NaN.
+    with pytest.raises(DataError, match="sequence 1 is missing"):
+        pad_sequences_batch(pd.Series(["1 2", None], dtype="str"))
+
+
 def test_regular_2d_array_and_series_inputs() -> None:
     array = np.arange(12, dtype=np.float64).reshape(3, 4)
     np.testing.assert_array_equal(pad_sequences_batch(array, maxlen=2), array[:, 2:].astype(np.float32))

@@ -1,0 +1,610 @@
+"""The seven benchmarks of issue 6, each a function ``(Context) -> list[Row]``.
+
+Timed comparisons train the same warmed model on the same samples, side by side
+(``measure.interleave``); memory comparisons run each configuration in a fresh
+child process (``bench/child.py``) and compare peak RSS (``VmHWM``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import math
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import workload
+from measure import Ratio, Run, interleave, ratio, run_child, timed
+
+from autobatch._units import format_bytes
+
+MiB = 1024**2
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What a ratio should be: at least ``low`` and/or at most ``high``."""
+
+    low: float | None = None
+    high: float | None = None
+
+    def met(self, value: float) -> bool:
+        return (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"{self.low:g}–{self.high:g}"
+        return f"≥ {self.low:g}" if self.low is not None else f"≤ {self.high:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One reported number."""
+
+    benchmark: str
+    measurement: str
+    value: float
+    unit: str = "×"
+    """``"×"`` for a ratio; otherwise the unit of an absolute number (``"s"``, ``"traces"``)."""
+    target: Target | None = None
+    detail: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        return None if self.target is None else self.target.met(self.value)
+
+    def formatted_value(self) -> str:
+        if self.unit == "×":
+            return f"{self.value:.2f}"
+        if self.unit == "s":
+            return f"{self.value:.1f} s"
+        return f"{self.value:g} {self.unit}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "benchmark": self.benchmark,
+            "measurement": self.measurement,
+            "value": self.value,
+            "unit": self.unit,
+            "target": str(self.target) if self.target else None,
+            "met": self.met,
+            "detail": self.detail,
+        }
+
+
+class Context:
+    """Sizes, a fresh probe cache, and the child runs that several benchmarks share.
+
+    Child runs are futures: ``prefetch`` starts them early (the quick smoke run
+    overlaps them with everything else, as its timings mean nothing anyway);
+    otherwise each starts when first needed and runs alone, so it does not
+    disturb the timed comparisons.
+    """
+
+    def __init__(self, sizes: workload.Sizes, *, log: Callable[[str], None]) -> None:
+        self.sizes = sizes
+        self.log = log
+        self._tmp = tempfile.TemporaryDirectory(prefix="autobatch-bench-")
+        self.cache_dir = Path(self._tmp.name) / "cache"
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="bench-child")
+        self._runs: dict[str, concurrent.futures.Future[dict[str, Any]]] = {}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._tmp.cleanup()
+
+    def rows(self, size: str) -> int:
+        return self.sizes.small_rows if size == "small" else self.sizes.large_rows
+
+    def _start(self, key: str, job: dict[str, Any], what: str) -> concurrent.futures.Future[dict[str, Any]]:
+        if key not in self._runs:
+            self.log(what)
+            self._runs[key] = self._pool.submit(run_child, job, cache_dir=self.cache_dir)
+        return self._runs[key]
+
+    def fit_run(self, size: str, *, safety: float = 0.1, force_batch_size: int | None = None) -> dict[str, Any]:
+        """``autobatch.fit`` in a fresh process (see ``child.fit_job``)."""
+        job = {
+            "job": "fit",
+            "rows": self.rows(size),
+            "epochs": self.sizes.epochs,
+            "ram_limit": self.sizes.ram_limit,
+            "safety": safety,
+            "force_batch_size": force_batch_size,
+        }
+        return self._start(f"fit {job}", job, f"autobatch.fit at batch {force_batch_size} in a child process").result()
+
+    def _planned_future(self, size: str, safety: float) -> concurrent.futures.Future[dict[str, Any]]:
+        job = {
+            "job": "fit",
+            "rows": self.rows(size),
+            "epochs": self.sizes.epochs,
+            "ram_limit": self.sizes.ram_limit,
+            "safety": safety,
+            "force_batch_size": None,
+        }
+        what = f"autobatch.fit in a child process ({size}, {self.rows(size)} rows, safety {safety:g})"
+        return self._start(f"planned {size} {safety}", job, what)
+
+    def planned(self, size: str, *, safety: float = 0.1) -> dict[str, Any]:
+        """The planned run of ``size``: the first one probes with an empty cache (what the probe costs)."""
+        return self._planned_future(size, safety).result()
+
+    def _stream_future(self, count: int) -> concurrent.futures.Future[dict[str, Any]]:
+        s = self.sizes
+        files = workload.stream_shards("parquet", rows_per_shard=s.shard_rows, shards=s.shards_10x)
+        job = {
+            "job": "stream",
+            "files": [str(f) for f in files[:count]],
+            "batch_size": s.stream_batch_size,
+            "epochs": 1,
+        }
+        return self._start(f"stream {count}", job, f"streaming {count} Parquet shards in a child process")
+
+    def stream_runs(self, counts: list[int]) -> dict[int, dict[str, Any]]:
+        """Streaming runs over the first ``count`` Parquet shards, each in its own process, side by side."""
+        futures = {count: self._stream_future(count) for count in counts}
+        return {count: future.result() for count, future in futures.items()}
+
+    def prefetch(self, names: list[str]) -> None:
+        """Start the child runs ``names`` will need now, to overlap with the rest (for ``--quick``)."""
+        if {"feed", "tutorial", "planning", "probe"} & set(names):
+            for size in self.sizes.sizes:
+                self._planned_future(size, 0.1)
+        if "memory" in names:
+            for count in (self.sizes.shards_1x, self.sizes.shards_10x):
+                self._stream_future(count)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _fit_epoch(model: Any, dataset: Any) -> Any:
+    return model.fit(dataset, epochs=1, verbose=0, shuffle=False)
+
+
+def _materialize(feed: Any, dataset: Any) -> tuple[Any, int]:
+    """The feed's batches of its current epoch, as numpy arrays in a ``tf.data`` pipeline like the feed's.
+
+    This is the compute limit: the same batches, padded beforehand, so training
+    on them costs only the steps. Returns the dataset and the epoch it holds.
+    """
+    import tensorflow as tf
+
+    epoch = feed.epoch
+    batches = [feed[i] for i in range(len(feed))]
+    feed.set_epoch(epoch)
+    padded = tf.data.Dataset.from_generator(lambda: iter(batches), output_signature=dataset.element_spec)
+    padded = padded.apply(tf.data.experimental.assert_cardinality(len(batches)))
+    return padded.prefetch(2), epoch
+
+
+def _feed_vs_padded(model: Any, feed: Any, reps: int) -> tuple[Ratio, float]:
+    """samples/s of ``model.fit`` on ``feed`` ÷ on its own batches padded beforehand; and feed seconds/epoch."""
+    dataset = feed.to_tf_dataset(workload.SIGNATURE, prefetch=2)
+    _fit_epoch(model, dataset)  # warm-up: tracing, thread pools
+    padded, epoch = _materialize(feed, dataset)
+    _fit_epoch(model, padded)
+    n = feed.n_samples
+
+    def on_feed() -> Run:
+        feed.set_epoch(epoch)  # the same batches as the padded copy
+        return timed(n, lambda: _fit_epoch(model, dataset))
+
+    before = feed.stats.seconds
+    results = interleave({"feed": on_feed, "padded": lambda: timed(n, lambda: _fit_epoch(model, padded))}, reps)
+    feed_seconds = (feed.stats.seconds - before) / reps
+    return ratio(results, "feed", "padded"), feed_seconds
+
+
+def _feed(x: Any, y: Any, batch_size: int, preprocess: Any = workload.preprocess, **options: Any) -> Any:
+    from autobatch.feeds import make_feed
+
+    return make_feed(
+        x,
+        y,
+        batch_size=batch_size,
+        preprocess=preprocess,
+        output_signature=workload.SIGNATURE,
+        max_queue_size=2,
+        **options,
+    )
+
+
+# --------------------------------------------------------------------------- 1. feed overhead
+
+
+def feed_overhead(ctx: Context) -> list[Row]:
+    """InMemoryFeed ÷ the same batches pre-padded into numpy arrays, at the planned batch."""
+    rows = []
+    for size in ctx.sizes.sizes:
+        batch = ctx.planned(size)["batch_size"]
+        n = ctx.rows(size)
+        ctx.log(f"feed overhead: {size}, {n} rows at the planned batch {batch}")
+        x, y = workload.frame(n)
+        model = workload.build_model("canonical")
+        feed = _feed(x, y, batch)
+        result, feed_seconds = _feed_vs_padded(model, feed, ctx.sizes.reps)
+        rows.append(
+            Row(
+                "feed",
+                f"InMemoryFeed ÷ same batches pre-padded (numpy), {size} ({n:,} rows), batch {batch}",
+                result.value,
+                target=Target(0.97),
+                detail=result.describe("feed", "pre-padded")
+                + f"; the feed spent {feed_seconds:.2f} s/epoch producing batches",
+            )
+        )
+    # The literal reading: the whole dataset padded once to its longest sequence, fed by Keras' own array path.
+    batch = ctx.planned("small")["batch_size"]
+    n = ctx.rows("small")
+    x, y = workload.frame(n)
+    maxlen = {name: int(x[name].map(len).max()) for name in workload.COLUMNS}
+    ctx.log(f"feed overhead: small, everything padded to {maxlen}, batch {batch}")
+    model = workload.build_model("canonical")
+    feed = _feed(x, y, batch, preprocess=workload.fixed_length(maxlen))
+    dataset = feed.to_tf_dataset(workload.SIGNATURE, prefetch=2)
+    inputs, targets = workload.fixed_length(maxlen)(x, y)
+    _fit_epoch(model, dataset)
+    model.fit(inputs, targets, batch_size=batch, epochs=1, verbose=0)
+    results = interleave(
+        {
+            "feed": lambda: timed(n, lambda: _fit_epoch(model, dataset)),
+            "numpy": lambda: timed(n, lambda: model.fit(inputs, targets, batch_size=batch, epochs=1, verbose=0)),
+        },
+        ctx.sizes.reps,
+    )
+    result = ratio(results, "feed", "numpy")
+    rows.append(
+        Row(
+            "feed",
+            f"InMemoryFeed ÷ model.fit(numpy arrays), all padded to the longest sequence, small, batch {batch}",
+            result.value,
+            target=Target(0.97),
+            detail=result.describe("feed", "model.fit(numpy)"),
+        )
+    )
+    return rows
+
+
+# --------------------------------------------------------------------------- 2. shard streaming
+
+
+def shard_streaming(ctx: Context) -> list[Row]:
+    """ShardFeed over Parquet and CSV shards ÷ the same batches pre-padded, at a fixed batch."""
+    from autobatch._data import ShardSource
+
+    s = ctx.sizes
+    rows = []
+    for fmt, target in (("parquet", Target(0.90)), ("csv", None)):
+        files = workload.stream_shards(fmt, rows_per_shard=s.shard_rows, shards=s.stream_shards)
+        ctx.log(f"shard streaming: {len(files)} {fmt} shards of {s.shard_rows} rows, batch {s.stream_batch_size}")
+        model = workload.build_model("pooled")
+        feed = _feed(ShardSource(tuple(files), "label"), None, s.stream_batch_size, strategy="stream")
+        result, feed_seconds = _feed_vs_padded(model, feed, s.reps)
+        feed.close()
+        rows.append(
+            Row(
+                "shards",
+                f"ShardFeed ({fmt}, {len(files)} shards × {s.shard_rows:,} rows) ÷ same batches pre-padded, "
+                f"batch {s.stream_batch_size}",
+                result.value,
+                target=target,
+                detail=result.describe("feed", "pre-padded")
+                + f"; the feed spent {feed_seconds:.2f} s/epoch reading, parsing and padding",
+            )
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------- 3. against the tutorial
+
+
+def tutorial(ctx: Context) -> list[Row]:
+    """The feed at the planned batch ÷ the tutorial's generator at batch 8, and both at the planned batch."""
+    planned = ctx.planned("small")["batch_size"]
+    small = ctx.sizes.tutorial_batch_size
+    n = ctx.rows("small")
+    x, y = workload.frame(n)
+    model = workload.build_model("canonical")
+    ctx.log(f"tutorial: generator and feed at batch {small} and at the planned batch {planned}")
+
+    def generator_run(batch: int) -> Callable[[], Run]:
+        steps = n // batch  # the tutorial's steps_per_epoch: drops the tail of every epoch
+
+        def run() -> Run:
+            gen = workload.tutorial_generator(x, y, batch)
+            return timed(
+                steps * batch, lambda: model.fit(gen, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
+            )
+
+        return run
+
+    def feed_run(batch: int) -> Callable[[], Run]:
+        feed = _feed(x, y, batch)
+        dataset = feed.to_tf_dataset(workload.SIGNATURE, prefetch=2)
+        return lambda: timed(n, lambda: _fit_epoch(model, dataset))
+
+    runs = {
+        "generator@small": generator_run(small),
+        "feed@planned": feed_run(planned),
+        "generator@planned": generator_run(planned),
+        "feed@small": feed_run(small),
+    }
+    for run in runs.values():  # warm-up: the generator path traces its own signature
+        run()
+    results = interleave(runs, ctx.sizes.reps)
+    pairs = [
+        ("feed@planned", "generator@small", f"feed at planned batch {planned} ÷ tutorial generator at batch {small}",
+         Target(3.0)),
+        ("feed@planned", "generator@planned", f"feed ÷ tutorial generator, both at planned batch {planned}", None),
+        ("feed@small", "generator@small", f"feed ÷ tutorial generator, both at batch {small}", None),
+    ]
+    lengths = x[list(workload.COLUMNS)].map(len).to_numpy()
+    padded = {batch: _mean_padded_length(lengths, batch) for batch in (small, planned)}
+    why = (
+        f"; per-batch padding: mean padded length {padded[small]:.0f} at batch {small}, {padded[planned]:.0f} at "
+        f"batch {planned} (mean sequence {lengths.mean():.0f})"
+    )
+    rows = []
+    for a, b, what, target in pairs:
+        result = ratio(results, a, b)
+        detail = result.describe(a, b) + (why if target is not None else "")
+        rows.append(Row("tutorial", what, result.value, target=target, detail=detail))
+    return rows
+
+
+def _mean_padded_length(lengths: np.ndarray, batch: int) -> float:
+    """Mean length each sample is padded to when consecutive rows form batches padded to their longest sequence."""
+    padded = [
+        np.repeat(lengths[lo : lo + batch].max(axis=0, keepdims=True), len(lengths[lo : lo + batch]), axis=0)
+        for lo in range(0, len(lengths), batch)
+    ]
+    return float(np.concatenate(padded).mean())
+
+
+# --------------------------------------------------------------------------- 4. planning quality
+
+
+def planning(ctx: Context) -> list[Row]:
+    """Planned ÷ true largest batch under ``ram_limit`` (bisection over real runs); predicted ÷ measured peak."""
+    from autobatch._units import parse_bytes
+
+    s = ctx.sizes
+    limit = parse_bytes(s.ram_limit)
+    n = ctx.rows("small")
+    runs: dict[int, int] = {}  # batch -> measured peak of a real autobatch.fit run
+
+    plans = {safety: ctx.planned("small", safety=safety) for safety in s.safeties}
+    for planned in plans.values():
+        runs.setdefault(planned["batch_size"], planned["peak_rss_bytes"])
+
+    def measure(batch: int) -> bool:
+        if batch not in runs:
+            runs[batch] = ctx.fit_run("small", force_batch_size=batch)["peak_rss_bytes"]
+            ctx.log(f"planning: batch {batch} peaked at {format_bytes(runs[batch])} (limit {format_bytes(limit)})")
+        return runs[batch] <= limit
+
+    fitting = [b for b, peak in runs.items() if peak <= limit]
+    failing = [b for b, peak in runs.items() if peak > limit]
+    lo = max(fitting, default=0)
+    hi = min(failing, default=None)
+    budget = s.max_bisect_runs
+    while hi is None and lo < n and budget > 0:  # grow until a run does not fit (or the whole dataset does)
+        budget -= 1
+        batch = min(2 * max(lo, 1), n)
+        if measure(batch):
+            lo = batch
+        else:
+            hi = batch
+    while lo == 0 and hi is not None and hi > 1 and budget > 0:  # even the plan failed: shrink
+        budget -= 1
+        batch = hi // 2
+        if measure(batch):
+            lo = batch
+        else:
+            hi = batch
+    while hi is not None and hi - lo > max(1, s.bisect_tolerance * lo) and budget > 0:
+        budget -= 1
+        batch = (lo + hi) // 2
+        if measure(batch):
+            lo = batch
+        else:
+            hi = batch
+    true = lo
+    bracket = f"true largest batch {true:,} (fits), smallest failing {hi:,}" if hi else f"{true:,} fits (= all rows)"
+    tried = ", ".join(f"{b:,}: {format_bytes(p)}" for b, p in sorted(runs.items()))
+    rows = []
+    for safety, planned in plans.items():
+        batch = planned["batch_size"]
+        rows.append(
+            Row(
+                "planning",
+                f"planned ÷ true largest batch under ram_limit={s.ram_limit}, safety {safety:g}",
+                batch / true if true else math.inf,
+                target=Target(0.90, 1.0),
+                detail=f"planned {batch:,} ({planned['limited_by']}); {bracket}; real runs' peaks: {tried}",
+            )
+        )
+        rows.append(
+            Row(
+                "planning",
+                f"predicted ÷ measured peak RSS of the autobatch.fit process, safety {safety:g}",
+                planned["predicted_peak_bytes"] / planned["peak_rss_bytes"],
+                target=Target(0.90, 1.10),
+                detail=f"predicted {format_bytes(planned['predicted_peak_bytes'])}, measured (VmHWM) "
+                f"{format_bytes(planned['peak_rss_bytes'])} at batch {batch:,}",
+            )
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------- 5. flat memory
+
+
+def flat_memory(ctx: Context) -> list[Row]:
+    """Peak RSS of streaming 10× more shards ÷ 1×, each in a fresh process (the two run side by side)."""
+    s = ctx.sizes
+    answers = ctx.stream_runs([s.shards_1x, s.shards_10x])
+    one, ten = answers[s.shards_1x], answers[s.shards_10x]
+
+    def added(answer: dict[str, Any]) -> int:
+        return answer["peak_rss_bytes"] - answer["before_training"]["rss_bytes"]
+
+    return [
+        Row(
+            "memory",
+            f"peak RSS streaming {s.shards_10x} Parquet shards ÷ {s.shards_1x} ({s.shard_rows:,} rows each)",
+            ten["peak_rss_bytes"] / one["peak_rss_bytes"],
+            target=Target(high=1.10),
+            detail=f"{format_bytes(ten['peak_rss_bytes'])} vs {format_bytes(one['peak_rss_bytes'])}; training added "
+            f"{format_bytes(added(ten))} vs {format_bytes(added(one))} over the process before training; "
+            f"{format_bytes(ten['file_bytes'])} vs {format_bytes(one['file_bytes'])} of Parquet files",
+        )
+    ]
+
+
+# --------------------------------------------------------------------------- 6. probe cost
+
+
+def probe_cost(ctx: Context) -> list[Row]:
+    """The probe's (and the whole plan's) wall time ÷ one warmed epoch, at the planned batch."""
+    rows = []
+    for size in ctx.sizes.sizes:
+        planned = ctx.planned(size)
+        epoch = planned["epoch_seconds"][-1]  # the first epoch includes tracing
+        n = ctx.rows(size)
+        cached = " (from cache!)" if planned["probe_from_cache"] else ""
+        rows.append(
+            Row(
+                "probe",
+                f"plan (probe + confirming trials) ÷ one epoch, {size} ({n:,} rows), batch {planned['batch_size']}",
+                planned["plan_seconds"] / epoch,
+                detail=f"plan {planned['plan_seconds']:.1f} s{cached}, of which probe and trials "
+                f"{planned['probe_seconds']:.1f} s; one warmed epoch {epoch:.1f} s",
+            )
+        )
+        rows.append(Row("probe", f"plan wall time, {size}", planned["plan_seconds"], unit="s"))
+    return rows
+
+
+# --------------------------------------------------------------------------- 7. padding
+
+
+def _shapes(feed: Any, epochs: range) -> list[tuple[tuple[int, ...], ...]]:
+    """The padded input shapes of every batch the feed serves over ``epochs``."""
+    keep = feed.epoch
+    seen = []
+    for epoch in epochs:
+        feed.set_epoch(epoch)
+        seen += [tuple(a.shape for a in feed[i][0].values()) for i in range(len(feed))]
+    feed.set_epoch(keep)
+    return seen
+
+
+def padding(ctx: Context) -> list[Row]:
+    """Per-batch padding vs length buckets: traces of the train step, distinct shapes, samples/s."""
+    s = ctx.sizes
+    n = ctx.rows("small")
+    batch = s.padding_batch_size
+    x, y = workload.frame(n)
+    buckets: list[Any] = [None, 64, "pow2"]
+    name = {None: "per-batch", 64: "bucket=64", "pow2": 'bucket="pow2"'}
+    ctx.log(f"padding: per-batch vs buckets, {n} rows at batch {batch}")
+    models, feeds, datasets, counters = {}, {}, {}, {}
+    for bucket in buckets:
+        models[bucket] = workload.build_model("canonical")
+        counters[bucket] = workload.TraceCounter(models[bucket])
+        feeds[bucket] = _feed(x, y, batch, preprocess=workload.bucketed(bucket))
+        datasets[bucket] = feeds[bucket].to_tf_dataset(workload.SIGNATURE, prefetch=2)
+        _fit_epoch(models[bucket], datasets[bucket])  # warm-up, epoch 0
+    epoch = feeds[None].epoch
+
+    def run(bucket: Any) -> Callable[[], Run]:
+        def go() -> Run:
+            feeds[bucket].set_epoch(epoch)  # the same rows per batch, padded differently
+            return timed(n, lambda: _fit_epoch(models[bucket], datasets[bucket]))
+
+        return go
+
+    results = interleave({bucket: run(bucket) for bucket in buckets}, s.reps)
+    rows = []
+    for bucket in buckets:
+        shapes = _shapes(feeds[bucket], range(epoch + 1))
+        length = np.mean([shape[1] for batch_shapes in shapes for shape in batch_shapes])
+        rows.append(
+            Row(
+                "padding",
+                f"train_step traces, {name[bucket]} (tf.data with the probe's signature, {1 + s.reps} epochs)",
+                counters[bucket].count,
+                unit="traces",
+                detail=f"{len(set(shapes))} distinct padded shapes in {len(shapes)} batches; "
+                f"mean padded length {length:.0f}",
+            )
+        )
+    for bucket in buckets[1:]:
+        result = ratio(results, bucket, None)
+        rows.append(
+            Row(
+                "padding",
+                f"{name[bucket]} ÷ per-batch padding, samples/s, batch {batch} (CPU, jit_compile off)",
+                result.value,
+                detail=result.describe(name[bucket], "per-batch"),
+            )
+        )
+    if s.xla_rows:
+        rows += _padding_xla(ctx, buckets, name)
+    return rows
+
+
+def _padding_xla(ctx: Context, buckets: list[Any], name: dict[Any, str]) -> list[Row]:
+    """With ``jit_compile=True`` (Keras' default on a GPU) every new input shape is one more XLA compilation."""
+    s = ctx.sizes
+    batch = s.padding_batch_size
+    x, y = workload.frame(s.xla_rows)
+    rates = {}
+    rows = []
+    for bucket in buckets:
+        ctx.log(f"padding: XLA, {name[bucket]}, {s.xla_rows} rows at batch {batch}, 2 epochs")
+        model = workload.build_model("canonical", jit_compile=True)
+        counter = workload.TraceCounter(model)
+        feed = _feed(x, y, batch, preprocess=workload.bucketed(bucket))
+        dataset = feed.to_tf_dataset(workload.SIGNATURE, prefetch=2)
+        shapes = set(_shapes(feed, range(2)))
+        run = timed(2 * s.xla_rows, lambda: model.fit(dataset, epochs=2, verbose=0, shuffle=False))
+        rates[bucket] = run
+        rows.append(
+            Row(
+                "padding",
+                f"XLA compilations (distinct padded shapes), {name[bucket]}, jit_compile=True, 2 epochs",
+                len(shapes),
+                unit="shapes",
+                detail=f"{counter.count} train_step trace(s); {run.seconds:.1f} s for 2 epochs of {s.xla_rows} rows",
+            )
+        )
+    for bucket in buckets[1:]:
+        rows.append(
+            Row(
+                "padding",
+                f"{name[bucket]} ÷ per-batch padding, samples/s over 2 epochs with jit_compile=True",
+                rates[bucket].rate / rates[None].rate,
+                detail=f"{rates[bucket].rate:,.0f} vs {rates[None].rate:,.0f} samples/s, one run each "
+                "(compilation is stateful, so not interleaved)",
+            )
+        )
+    return rows
+
+
+BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
+    "feed": feed_overhead,
+    "shards": shard_streaming,
+    "tutorial": tutorial,
+    "planning": planning,
+    "memory": flat_memory,
+    "probe": probe_cost,
+    "padding": padding,
+}
+"""Every benchmark by the name ``./dev bench NAME`` selects it with, in the issue's order."""

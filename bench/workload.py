@@ -1,0 +1,218 @@
+"""The benchmark workloads: data, preprocessing, models and the tutorial's generator.
+
+Two workloads, both from ``examples/``:
+
+- **canonical** (``examples/canonical.py``): two float sequences of heavy-tailed length
+  (median ~40, a few near 1024) and a small Conv1D classifier. Used in memory, at a
+  ``small`` and a ``large`` number of rows.
+- **stream** (``examples/shards.py``): longer sequences (median ~400, up to 2048)
+  written as numbered Parquet and CSV shards, and the pooled classifier that keeps an
+  epoch over them quick. Used for shard streaming and flat memory.
+
+Nothing here imports TensorFlow at module level: child processes import what they need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import canonical  # noqa: E402
+import shards as stream_example  # noqa: E402
+
+import autobatch  # noqa: E402
+from autobatch import TensorSpec  # noqa: E402
+
+COLUMNS = ("in1", "in2")
+DATA_DIR = Path(os.environ.get("AUTOBATCH_BENCH_DATA", ROOT / "examples" / "data" / "bench"))
+"""Where generated shards are kept between runs (``$AUTOBATCH_BENCH_DATA`` overrides)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """How big each workload is; ``--quick`` shrinks all of them to a smoke run."""
+
+    small_rows: int
+    """Rows of the canonical frame for the small size (4,000: the bundled example data)."""
+    large_rows: int
+    """Rows of the canonical frame for the large size."""
+    shard_rows: int
+    """Rows per streaming shard."""
+    stream_shards: int
+    """Shards of the streaming benchmark."""
+    shards_1x: int
+    """Shards of the 1× run of the flat-memory benchmark."""
+    shards_10x: int
+    """Shards of the 10× run."""
+    stream_batch_size: int
+    """Batch size of the streaming benchmarks (fixed, so only the feed differs)."""
+    reps: int
+    """Interleaved repetitions of every timed comparison."""
+    epochs: int
+    """Epochs of every child training run (the planning and memory benchmarks)."""
+    tutorial_batch_size: int = 8
+    """The tutorial's batch size."""
+    padding_batch_size: int = 64
+    """Batch size of the padding benchmark (many batches per epoch, so many shapes)."""
+    xla_rows: int = 512
+    """Rows of the XLA part of the padding benchmark (every new shape compiles, seconds each)."""
+    sizes: tuple[str, ...] = ("small", "large")
+    """Which sizes of the canonical workload the feed and probe benchmarks run at."""
+    safeties: tuple[float, ...] = (0.1, 0.0)
+    """The ``safety`` margins the planning benchmark plans with (0.1 is the default)."""
+    ram_limit: str = "1GiB"
+    bisect_tolerance: float = 0.02
+    """Bisection stops when the gap between fitting and failing batches is below this fraction."""
+    max_bisect_runs: int = 10
+
+
+FULL = Sizes(
+    small_rows=4000,
+    large_rows=16000,
+    shard_rows=2000,
+    stream_shards=10,
+    shards_1x=4,
+    shards_10x=40,
+    stream_batch_size=256,
+    reps=5,
+    epochs=2,
+)
+QUICK = Sizes(
+    small_rows=300,
+    large_rows=600,
+    shard_rows=150,
+    stream_shards=2,
+    shards_1x=2,
+    shards_10x=4,
+    stream_batch_size=64,
+    reps=1,
+    epochs=1,
+    padding_batch_size=32,
+    xla_rows=0,
+    sizes=("small",),
+    safeties=(0.1,),
+    max_bisect_runs=1,
+)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def frame(rows: int, *, seed: int = 0) -> tuple[pd.DataFrame, pd.Series]:
+    """The canonical frame (``examples/canonical.py``) as ``(x, y)``; 4,000 rows equal ``frame.parquet``."""
+    data = canonical.make_frame(rows, seed=seed)
+    return data.drop(columns=["label"]), data["label"]
+
+
+def stream_shards(fmt: str, *, rows_per_shard: int, shards: int) -> list[Path]:
+    """Numbered shards of the streaming workload, written once under ``examples/data/bench``.
+
+    The same seed draws the same rows whatever the format or number of shards, so
+    the first ``k`` Parquet shards and ``k`` CSV shards hold the same rows.
+    """
+    folder = stream_example.write_shards(DATA_DIR / "stream", rows=rows_per_shard * shards, shards=shards, fmt=fmt)
+    return [folder / f"{i}.{fmt}" for i in range(shards)]
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def preprocess(batch_x: Any, batch_y: Any) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """autobatch's way: vectorised padding to the batch's longest sequence (CSV strings parsed too)."""
+    inputs = autobatch.pad_columns(batch_x, COLUMNS, add_feature_axis=True)
+    return inputs, np.asarray(batch_y, dtype=np.float32).reshape(-1, 1)
+
+
+def bucketed(bucket: autobatch.padding.Bucket | None) -> Any:
+    """``preprocess`` padding to a length bucket (``None``: to the batch's longest sequence)."""
+
+    def pad(batch_x: Any, batch_y: Any) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        inputs = autobatch.pad_columns(batch_x, COLUMNS, add_feature_axis=True, bucket=bucket)
+        return inputs, np.asarray(batch_y, dtype=np.float32).reshape(-1, 1)
+
+    pad.__name__ = f"pad_bucket_{bucket}"
+    return pad
+
+
+def fixed_length(maxlen: int) -> Any:
+    """``preprocess`` padding every batch to ``maxlen``, as pre-padding a whole dataset does."""
+
+    def pad(batch_x: Any, batch_y: Any) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        inputs = autobatch.pad_columns(batch_x, COLUMNS, add_feature_axis=True, maxlen=maxlen)
+        return inputs, np.asarray(batch_y, dtype=np.float32).reshape(-1, 1)
+
+    return pad
+
+
+SIGNATURE = (
+    TensorSpec("x/in1", "float32", (None, None, 1)),
+    TensorSpec("x/in2", "float32", (None, None, 1)),
+    TensorSpec("y", "float32", (None, 1)),
+)
+"""What ``autobatch.probe`` measures for ``preprocess``: the padded axis varies between batches."""
+
+
+def tutorial_generator(x: pd.DataFrame, y: pd.Series, batch_size: int = 8) -> Iterator[tuple[Any, np.ndarray]]:
+    """The tutorial's hand-written generator, as the README's "before" shows it.
+
+    ``while True`` over ``df.iloc`` slices, ``keras.utils.pad_sequences`` per batch
+    and column, the index reset by hand. Only two things differ from the tutorial:
+    ``dtype="float32"`` and ``padding="post"`` (the tutorial's defaults would cast the
+    float sequences to int32 and pad in front, so the model would see other data),
+    and the feature axis this model's ``(None, 1)`` inputs need.
+    """
+    from keras.utils import pad_sequences
+
+    i = 0
+    while True:
+        batch_x = x.iloc[i * batch_size : (i + 1) * batch_size]
+        batch_y = y.iloc[i * batch_size : (i + 1) * batch_size]
+        i = i + 1 if (i + 1) * batch_size < len(x) else 0  # reset by hand
+        inputs = {
+            name: pad_sequences(batch_x[name], dtype="float32", padding="post")[..., None] for name in COLUMNS
+        }
+        yield inputs, batch_y.to_numpy("float32").reshape(-1, 1)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def build_model(kind: str = "canonical", *, jit_compile: bool | str = "auto") -> Any:
+    """``"canonical"`` (Conv1D on the full sequences) or ``"pooled"`` (pooling first, for long sequences)."""
+    if kind == "canonical":
+        model = canonical.build_model()
+    elif kind == "pooled":
+        model = stream_example.build_model()
+    else:
+        raise ValueError(f'`kind` must be "canonical" or "pooled". Received: kind={kind!r}')
+    if jit_compile != "auto":
+        model.compile(optimizer="adam", loss="binary_crossentropy", jit_compile=jit_compile)
+    return model
+
+
+class TraceCounter:
+    """Counts how often Keras traces a model's ``train_step`` (Python in it runs once per trace).
+
+    Install before the first ``fit``: the train function is built from
+    ``model.train_step`` on first use.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.count = 0
+        step = model.train_step
+
+        def counted(data: Any) -> Any:
+            self.count += 1
+            return step(data)
+
+        model.train_step = counted
