@@ -105,9 +105,8 @@ class Context:
             self._runs[key] = self._pool.submit(run_child, job, cache_dir=self.cache_dir)
         return self._runs[key]
 
-    def fit_run(self, size: str, *, safety: float = 0.1, force_batch_size: int | None = None) -> dict[str, Any]:
-        """``autobatch.fit`` in a fresh process (see ``child.fit_job``)."""
-        job = {
+    def _fit_job(self, size: str, safety: float, force_batch_size: int | None) -> dict[str, Any]:
+        return {
             "job": "fit",
             "rows": self.rows(size),
             "epochs": self.sizes.epochs,
@@ -115,17 +114,14 @@ class Context:
             "safety": safety,
             "force_batch_size": force_batch_size,
         }
+
+    def fit_run(self, size: str, *, safety: float = 0.1, force_batch_size: int | None = None) -> dict[str, Any]:
+        """``autobatch.fit`` in a fresh process (see ``child.fit_job``)."""
+        job = self._fit_job(size, safety, force_batch_size)
         return self._start(f"fit {job}", job, f"autobatch.fit at batch {force_batch_size} in a child process").result()
 
     def _planned_future(self, size: str, safety: float) -> concurrent.futures.Future[dict[str, Any]]:
-        job = {
-            "job": "fit",
-            "rows": self.rows(size),
-            "epochs": self.sizes.epochs,
-            "ram_limit": self.sizes.ram_limit,
-            "safety": safety,
-            "force_batch_size": None,
-        }
+        job = self._fit_job(size, safety, None)
         what = f"autobatch.fit in a child process ({size}, {self.rows(size)} rows, safety {safety:g})"
         return self._start(f"planned {size} {safety}", job, what)
 
