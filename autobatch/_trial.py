@@ -95,6 +95,7 @@ def _load(message: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         device = f"GPU:0 ({details.get('device_name', 'unknown')})"
     info = {
         "ok": True,
+        "reads_during_steps": held is not None,
         "held_shard_rows": 0 if held is None else len(held),
         "shard_read_peak_bytes": read_peak,
         "device": device,
@@ -121,13 +122,60 @@ def _hold_shard(path: str) -> Any:
         return pool.submit(read_shard, Path(path)).result()
 
 
-def _trial(model: Any, message: dict[str, Any], gpu: bool) -> dict[str, Any]:
-    """Train ``steps`` steps on the batch through ``tf.data`` and ``model.fit``, as training will, measuring the peak."""
+class _ReadAhead:
+    """Read a shard over and over on a worker thread while steps run, as a streaming feed reads the next file.
+
+    The step's allocations and the reader's interleave in the allocator (and each
+    thread's arena keeps what it freed), so the peak of both together is more than
+    their peaks measured apart; only running them together measures it. At any
+    time one shard read ahead is resident or being read, next to the held one.
+    """
+
+    def __init__(self, path: str | None) -> None:
+        import threading
+
+        self._path = path
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="autobatch-trial-reader", daemon=True)
+
+    def _run(self) -> None:
+        from pathlib import Path
+
+        from autobatch._data import read_shard
+
+        latest = None
+        while not self._stop.is_set():
+            latest = None  # noqa: F841  (dropped before the next read, as the feed drops a finished shard)
+            latest = read_shard(Path(self._path))  # type: ignore[arg-type]
+
+    def __enter__(self) -> _ReadAhead:
+        if self._path is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def _trial(model: Any, message: dict[str, Any], gpu: bool, shard: str | None = None) -> dict[str, Any]:
+    """Train ``steps`` steps on the batch through ``tf.data`` and ``model.fit``, as training will, measuring the peak.
+
+    With ``shard`` (streaming), the shard is read again and again on a thread during the steps.
+    """
     import numpy as np
     import tensorflow as tf
 
     with np.load(message["arrays"], allow_pickle=False) as loaded:
         arrays = {name: loaded[name] for name in loaded.files}
+    rows, batch_size = int(message.get("rows", 0)), int(message.get("batch_size", 0))
+    if 0 < rows < batch_size:
+        # Cycle the worst rows to the batch size (the caller sent them once, preprocessed and padded).
+        cycle = np.arange(batch_size) % rows
+        arrays = {
+            name: np.take(a, cycle, axis=0) if a.ndim and a.shape[0] == rows else a for name, a in arrays.items()
+        }
     x, y = unpack_batch(arrays, message["structure"])
     steps = int(message.get("steps", 3))
     element = (x, y) if y is not None else (x,)
@@ -151,7 +199,8 @@ def _trial(model: Any, message: dict[str, Any], gpu: bool) -> dict[str, Any]:
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
             timing.append(time.perf_counter() - self._start)
 
-    model.fit(dataset, epochs=1, verbose=0, shuffle=False, callbacks=[StepTimes()])
+    with _ReadAhead(shard):
+        model.fit(dataset, epochs=1, verbose=0, shuffle=False, callbacks=[StepTimes()])
     reply: dict[str, Any] = {
         "ok": True,
         "peak_rss_bytes": peak_rss_bytes(),
@@ -177,6 +226,7 @@ def main() -> None:
     model: Any = None
     _held: Any = None  # the shard kept resident for the whole session, as streaming keeps one
     gpu = False
+    shard: str | None = None
     for line in sys.stdin:
         if not line.strip():
             continue
@@ -187,9 +237,10 @@ def main() -> None:
             if message["cmd"] == "load":
                 (model, _held), info = _load(message)
                 gpu = info["gpu"]
+                shard = message.get("shard") or None
                 _send(out, info)
             elif message["cmd"] == "trial":
-                _send(out, _trial(model, message, gpu))
+                _send(out, _trial(model, message, gpu, shard))
             else:
                 _send(out, {"ok": False, "error": f"unknown command {message['cmd']!r}"})
         except Exception as exc:

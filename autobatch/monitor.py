@@ -151,8 +151,9 @@ class MemoryMonitor(keras.callbacks.Callback):
         background: sample from a daemon thread; ``False`` leaves sampling to ``tick()`` calls.
         min_headroom_bytes: warn when the headroom (available memory less the plan's
             predicted growth of this process) falls below this; default: the plan's
-            safety margin on the host budget (``safety`` × the limit). ``None``
-            without a plan: no headroom check.
+            ``safety`` × the host limit (or the plan's margin, if larger) — memory other
+            processes may still take is a fraction of the machine, not of the
+            batch's growth. ``None`` without a plan: no headroom check.
         adaptive: on low headroom also call ``feed.shrink()``, so the following batches
             are served in smaller pieces (the feed must come from
             ``to_tf_dataset(adaptive=True)``, as :func:`autobatch.fit` builds it).
@@ -204,7 +205,7 @@ class MemoryMonitor(keras.callbacks.Callback):
         self._host_source = host.budget.source if host is not None else "host_budget_bytes"
         self.batch_size = plan.batch_size if plan is not None else batch_size
         if min_headroom_bytes is None and host is not None:
-            min_headroom_bytes = host.budget.limit_bytes - host.usable_bytes
+            min_headroom_bytes = max(host.margin_bytes, int(plan.safety * host.budget.limit_bytes))
         self.min_headroom_bytes = min_headroom_bytes
         self.adaptive = adaptive
         self.adapt_after_steps = adapt_after_steps

@@ -13,7 +13,15 @@ The predicted peak of the training process at batch ``b`` on the host is::
   + preprocess(b)    the transient peak of preprocessing the next batch
 
 and on a GPU the fitted device peak of a real step.
+
+The safety margin covers what is predicted rather than measured: ``safety`` ×
+(everything that grows with the batch, plus the parts estimated without a trial
+at that size: shards being read, what this process holds). The runtime, model
+and optimizer (the step line's intercept, measured by every trial) and the raw
+dataset (counted exactly) get none, so a tight budget is not spent on a margin
+for memory that cannot move.
 """
+
 
 from __future__ import annotations
 
@@ -30,6 +38,9 @@ from autobatch.probe import ProbeResult
 
 Strategy = Literal["in_memory", "stream"]
 
+_MEASURED_PARTS = frozenset({"train step", "dataset", "gradient accumulators"})
+"""Parts whose fixed bytes are measured or exact: the safety margin covers only their growth."""
+
 
 @dataclasses.dataclass(frozen=True)
 class BudgetUse:
@@ -37,7 +48,9 @@ class BudgetUse:
 
     budget: Budget
     usable_bytes: int
-    """The budget less the safety margin."""
+    """The budget less the safety margin at the planned batch size."""
+    margin_bytes: int
+    """The safety margin at the planned batch size: ``safety`` × the predicted (not measured) part of the peak."""
     predicted_peak_bytes: int
     """Predicted peak at the planned batch size."""
     components: tuple[tuple[str, int], ...]
@@ -230,7 +243,10 @@ def _host_terms(
         parts.append(("dataset", float(result.raw_bytes), 0.0))
     else:
         shard = float(result.largest_shard_raw_bytes)
-        if result.trial_holds_shard and result.shard_read_peak_bytes is not None and read_ahead_shards >= 1:
+        if result.trial_reads_shard and read_ahead_shards >= 1:
+            # The trials held one shard and read the next during their steps: one read-ahead is measured.
+            reading = shard * (read_ahead_shards - 1)
+        elif result.trial_holds_shard and result.shard_read_peak_bytes is not None and read_ahead_shards >= 1:
             # The child held the current shard; the next one is read during steps: its measured read peak
             # (Arrow buffers + pandas objects, ~3x the rows) and then its rows stay until their turn.
             reading = max(float(result.shard_read_peak_bytes), shard) + shard * (read_ahead_shards - 1)
@@ -262,7 +278,11 @@ def make_plan(
     Args:
         result: the probe's measurements.
         budgets: the host budget and, on a GPU, the device budget.
-        safety: fraction of each budget kept free (0.1 keeps 10%).
+        safety: margin kept free on top of the predicted growth: ``safety`` × (the
+            batch-dependent bytes plus the estimated fixed parts — shards being read,
+            this process's extra), so 0.1 plans 10% more memory for them than
+            predicted. The measured runtime/model/optimizer and the exact dataset
+            bytes get no margin.
         max_batch_size: never plan a larger batch.
         multiple_of: round the batch size down to a multiple of this.
         queue_batches: batches the feed may hold waiting (queue depth × workers).
@@ -299,7 +319,7 @@ def make_plan(
     def lines_for(strategy: Strategy, accumulators: bool) -> list[tuple[Budget, float, float, float, list[Any]]]:
         lines = []
         for budget in budgets:
-            usable = budget.limit_bytes * (1 - safety)
+            usable = float(budget.limit_bytes)
             if budget.kind == "host":
                 a, s, parts = _host_terms(result, strategy, queue_batches, read_ahead_shards, process_extra_bytes)
             else:
@@ -314,6 +334,15 @@ def make_plan(
             lines.append((budget, usable, a, s, parts))
         return lines
 
+    def margin(parts: list[Any]) -> tuple[float, float]:
+        """(intercept, slope) of the safety margin over ``parts``."""
+        fixed = sum(pa for name, pa, _ in parts if name not in _MEASURED_PARTS)
+        return safety * fixed, safety * sum(ps for _, _, ps in parts)
+
+    def allowed(usable: float, a: float, s: float, parts: list[Any]) -> int | None:
+        ma, ms = margin(parts)
+        return _max_batch(a + ma, s + ms, usable)
+
     def largest(lines: list[tuple[Budget, float, float, float, list[Any]]]) -> tuple[int, str]:
         caps: list[tuple[int, str]] = [(result.n_samples, "the dataset size")]
         if max_batch_size is not None:
@@ -321,10 +350,10 @@ def make_plan(
         failed = result.failed_batch_size()
         if failed is not None:
             caps.append((failed - 1, f"a real trial at batch {failed} that ran out of memory"))
-        for budget, usable, a, s, _ in lines:
-            allowed = _max_batch(a, s, usable)
-            if allowed is not None:
-                caps.append((allowed, f"{budget.kind} memory"))
+        for budget, usable, a, s, parts in lines:
+            most = allowed(usable, a, s, parts)
+            if most is not None:
+                caps.append((most, f"{budget.kind} memory"))
         batch, limited_by = min(caps, key=lambda c: c[0])
         if multiple_of is not None and batch >= multiple_of:
             batch -= batch % multiple_of
@@ -332,16 +361,21 @@ def make_plan(
 
     def uses_at(lines: list[tuple[Budget, float, float, float, list[Any]]], batch: int) -> list[BudgetUse]:
         b = max(batch, 1)
-        return [
-            BudgetUse(
-                budget=budget,
-                usable_bytes=int(usable),
-                predicted_peak_bytes=int(round(a + s * b)),
-                components=tuple((name, int(round(pa + ps * b))) for name, pa, ps in parts),
-                max_batch_size=_max_batch(a, s, usable),
+        uses = []
+        for budget, usable, a, s, parts in lines:
+            ma, ms = margin(parts)
+            kept = int(round(ma + ms * b))
+            uses.append(
+                BudgetUse(
+                    budget=budget,
+                    usable_bytes=int(usable) - kept,
+                    margin_bytes=kept,
+                    predicted_peak_bytes=int(round(a + s * b)),
+                    components=tuple((name, int(round(pa + ps * b))) for name, pa, ps in parts),
+                    max_batch_size=allowed(usable, a, s, parts),
+                )
             )
-            for budget, usable, a, s, parts in lines
-        ]
+        return uses
 
     strategy: Strategy = "in_memory"
     lines = lines_for("in_memory", False)
@@ -387,14 +421,16 @@ def make_plan(
         raise BudgetError(
             f"the {use.budget.kind} budget cannot hold even one sample: a batch of 1 needs "
             f"{format_bytes(use.predicted_peak_bytes)} ({parts}), but {use.budget} with a {safety:.0%} safety margin "
-            f"leaves {format_bytes(use.usable_bytes)}. Raise the limit, free memory, or stream smaller shards."
+            f"({format_bytes(use.margin_bytes)}) leaves {format_bytes(use.usable_bytes)}. Raise the limit, free memory, "
+            "or stream smaller shards."
         )
     binding = next((u for u in uses if f"{u.budget.kind} memory" == limited_by), None)
     if binding is not None:
         explanation = (
             f"batch {batch:,} is limited by {binding.budget.kind} memory: predicted "
             f"{format_bytes(binding.predicted_peak_bytes)} of {format_bytes(binding.budget.limit_bytes)} "
-            f"({binding.budget.source}) with a {safety:.0%} margin"
+            f"({binding.budget.source}), keeping a {safety:.0%} margin on the predicted growth "
+            f"({format_bytes(binding.margin_bytes)})"
         )
     else:
         host = uses[0] if uses else None

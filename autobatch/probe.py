@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 Preprocess = Callable[[Any, Any], tuple[Any, Any]]
 DEFAULT_TRIAL_BATCH_SIZES = (8, 32, 128)
 # Part of every cache key: bump it whenever what or how the probe measures changes.
-MEASUREMENT_VERSION = 2
+MEASUREMENT_VERSION = 3
 
 
 # --------------------------------------------------------------------------- results
@@ -132,6 +132,8 @@ class ProbeResult:
     """Whether the trials' child held one shard read as streaming reads it (inside the measured peaks)."""
     shard_read_peak_bytes: int | None = None
     """Transient peak of reading the largest shard (Arrow buffers + pandas objects), measured in the child."""
+    trial_reads_shard: bool = False
+    """Whether the trials read the next shard on a thread during the steps (the read-ahead is inside the peaks)."""
     wall_seconds: float = 0.0
     cache_key: str = ""
     from_cache: bool = False
@@ -720,7 +722,10 @@ class Prober:
 
     def run_trial(self, batch_size: int, *, rss_limit_bytes: int | None = None) -> StepTrial:
         """One real training trial at ``batch_size`` on the worst-case batch, in the child process."""
-        batch = self.worst_batch(batch_size)
+        # The child cycles the preprocessed worst rows up to the batch size itself, so this process never
+        # holds a full trial batch (it would count in the training process's own peak when planning in-process).
+        rows = min(batch_size, self.sample().worst.n_samples)
+        batch = self.worst_batch(rows)
         arrays, structure = pack_batch(batch.inputs, batch.targets)
         path = self._workdir / f"batch-{batch_size}.npz"
         np.savez(path, **arrays)
@@ -730,6 +735,8 @@ class Prober:
             {
                 "cmd": "trial",
                 "arrays": str(path),
+                "rows": rows,
+                "batch_size": batch_size,
                 "structure": structure,
                 "steps": self._steps,
                 "prefetch": self._prefetch_batches,
@@ -820,6 +827,7 @@ class Prober:
             trial_prefetch_batches=self._prefetch_batches if trials else 0,
             trial_holds_shard=bool(trials) and sample.largest_shard is not None,
             shard_read_peak_bytes=info.get("shard_read_peak_bytes"),
+            trial_reads_shard=bool(trials) and bool(info.get("reads_during_steps")),
             wall_seconds=time.perf_counter() - start,
             cache_key=self.cache_key(),
         )

@@ -234,6 +234,9 @@ class BaseFeed(keras.utils.PyDataset):
         """Advance to the next epoch: a new shuffle order (Keras calls this after every epoch)."""
         self._epoch += 1
 
+    def close(self) -> None:
+        """Release what the feed holds between batches (nothing here; loaded shards in a streaming feed)."""
+
     def __len__(self) -> int:
         n = self.n_samples
         return n // self.batch_size if self.drop_remainder else math.ceil(n / self.batch_size)
@@ -562,6 +565,9 @@ class BaseFeed(keras.utils.PyDataset):
             for i in range(min(max(infer_batches, 1), count) if signature_specs is None else 1)
         ]
         signature = self._tf_signature(looked, signature_specs)
+        # Whatever the look loaded (shards) would otherwise stay resident until this feed's first epoch ends,
+        # e.g. a validation feed's shards through the whole training epoch.
+        self.close()
         flat_specs = tf.nest.flatten(signature)
 
         def as_tf(batch: tuple[Any, ...], index: int) -> tuple[Any, ...]:
