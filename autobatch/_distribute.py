@@ -180,14 +180,38 @@ def strategy_layout(strategy: Any) -> Layout:
     return layout
 
 
-def device_gpu_budgets(layout: Layout, gpu_limit: int | str | None) -> list[Budget | None]:
+def gpu_memory_preallocated() -> bool:
+    """Whether TensorFlow reserves (almost) all GPU memory up front: a GPU without ``set_memory_growth``."""
+    if os.environ.get("TF_FORCE_GPU_ALLOW_GROWTH", "").lower() == "true":
+        return False
+    tf = sys.modules.get("tensorflow")
+    if tf is None:
+        return False
+    return any(not tf.config.experimental.get_memory_growth(gpu) for gpu in tf.config.list_physical_devices("GPU"))
+
+
+def device_gpu_budgets(
+    layout: Layout, gpu_limit: int | str | None, *, preallocated: Callable[[], bool] = gpu_memory_preallocated
+) -> list[Budget | None]:
     """One GPU budget per local replica: ``gpu_limit`` each, or that device's free memory (``None`` on CPU).
 
     TensorFlow numbers the visible GPUs; NVML numbers all of them, so a numeric
     ``CUDA_VISIBLE_DEVICES`` maps one to the other.
+
+    Raises:
+        ConfigError: the replicas are on GPUs whose memory TensorFlow reserved whole
+            when the strategy was created (no ``set_memory_growth``), so their free
+            memory says nothing, and no ``gpu_limit`` was given.
     """
     visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
     budgets: list[Budget | None] = []
+    on_gpu = any("GPU" in device.rsplit("device:", 1)[-1].upper() for device in layout.local_devices)
+    if on_gpu and gpu_limit is None and preallocated():
+        raise ConfigError(
+            "TensorFlow reserved all GPU memory when the strategy was created, so the free GPU memory autobatch "
+            "budgets from is gone. Call tf.config.experimental.set_memory_growth(gpu, True) for every GPU before "
+            "creating the strategy (or set TF_FORCE_GPU_ALLOW_GROWTH=true), or pass gpu_limit= (per GPU)."
+        )
     for device in layout.local_devices:
         name = device.rsplit("device:", 1)[-1].upper()
         if not name.startswith("GPU"):

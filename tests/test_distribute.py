@@ -87,6 +87,18 @@ def test_the_worker_with_less_memory_sets_the_shared_batch_and_is_named():
     assert agreed[1].limited_by in ("host memory", "max_batch_size") and "limited by max_batch_size" not in agreed[1].explanation
 
 
+def test_gpu_limit_is_each_gpu_replicas_budget_and_a_preallocating_tensorflow_is_refused():
+    from autobatch._distribute import device_gpu_budgets
+
+    mixed = layout(devices=("/job:worker/replica:0/task:0/device:GPU:0", "/job:worker/replica:0/task:0/device:GPU:1"))
+    budgets = device_gpu_budgets(mixed, "10GiB", preallocated=lambda: True)  # an explicit limit needs no free memory
+    assert [(b.kind, b.limit_bytes) for b in budgets] == [("gpu", 10 * 1024 * MiB)] * 2
+    assert device_gpu_budgets(layout(), None, preallocated=lambda: True) == [None]  # CPU replicas: no GPU budget
+    with pytest.raises(ConfigError) as excinfo:
+        device_gpu_budgets(mixed, None, preallocated=lambda: True)
+    assert "set_memory_growth" in str(excinfo.value) and "gpu_limit=" in str(excinfo.value)
+
+
 def test_agreement_caps_a_step_at_the_dataset_and_rejects_a_replica_without_room():
     limits = [ReplicaLimit(0, 0, 500, "host", 1), ReplicaLimit(1, 1, 700, "host", 1)]
     assert agree(limits, n_samples=300) == (150, ReplicaLimit(0, 0, 150, "dataset", 0))
