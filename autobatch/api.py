@@ -8,7 +8,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from autobatch import _cache, _distribute
@@ -146,6 +146,11 @@ def plan(
     """
     active = _distribute.current_strategy(strategy, model=model)
     layout = _distribute.strategy_layout(active) if active is not None else None
+    if layout is not None and target_batch_size is not None:
+        raise ConfigError(
+            "target_batch_size is not supported under tf.distribute yet; the global batch is the per-replica batch "
+            "× num_replicas_in_sync. Use max_batch_size= to cap the per-replica batch."
+        )
     budgets = [host_budget(ram_limit)]
     device_budgets: list[Budget | None] = []
     if layout is None:
@@ -168,10 +173,11 @@ def plan(
         queue_batches=queue_batches,
         target_batch_size=target_batch_size,
     )
+    run = dict(confirm=confirm, cache=cache, cache_dir=cache_dir, in_process=in_process, probe_options=probe_options)
     if layout is None:
-        return _plan_locally(x, y, preprocess, model, budgets, budgets, options, confirm, cache, cache_dir, in_process, probe_options)
+        return _plan_locally(x, y, preprocess, model, budgets, budgets, options, **run)
     try:
-        local = _plan_locally(x, y, preprocess, model, budgets, plan_budgets, options, confirm, cache, cache_dir, in_process, probe_options)
+        local = _plan_locally(x, y, preprocess, model, budgets, plan_budgets, options, **run)
         limits = _distribute.replica_limits(local.probe, local, device_budgets, layout, options=options)
         failure: AutobatchError | None = None
     except AutobatchError as exc:
@@ -197,6 +203,7 @@ def _plan_locally(
     budgets: Sequence[Budget],
     plan_budgets: Sequence[Budget],
     options: dict[str, Any],
+    *,
     confirm: bool,
     cache: bool,
     cache_dir: str | os.PathLike[str] | None,
@@ -400,7 +407,7 @@ def fit(
         raise ConfigError("adaptive=True needs the monitor (monitor=True): it is what watches the memory headroom.")
     active = _distribute.current_strategy(strategy, model=model)
     if active is not None:
-        _check_distributed(model, active, adaptive=adaptive, target_batch_size=target_batch_size)
+        _check_distributed(model, active, adaptive=adaptive)
     console = console or RichConsole()
     chosen = plan(
         x,
@@ -441,7 +448,8 @@ def fit(
     watcher = None
     if monitor:
         watched = shares[0].feed if shares else train
-        options = {"console": console, "log_path": log_path, "feed": watched, "adaptive": adaptive, **(monitor_options or {})}
+        options = {"console": console, "log_path": log_path, "feed": watched, "adaptive": adaptive}
+        options.update(monitor_options or {})
         watcher = MemoryMonitor(chosen, **options)
         all_callbacks.insert(0, watcher)
     if adaptive and chosen.gradient_accumulation_steps > 1:
@@ -460,7 +468,7 @@ def fit(
         fed = [feed for feed in (train, validation) if isinstance(feed, BaseFeed)]
     _feed_failure(*fed)  # forget failures of earlier passes
     try:
-        with warnings.catch_warnings(), _keras_distribute_fixes(model, active, shares[0].element_spec if shares else None):
+        with warnings.catch_warnings(), (shares[0].keras_workarounds(model) if shares else contextlib.nullcontext()):
             if adaptive:
                 # An adaptive epoch ends when its rows are served, before the upper-bound count Keras was told.
                 warnings.filterwarnings("ignore", message="Your input ran out of data", category=UserWarning)
@@ -489,69 +497,12 @@ def fit(
     return history
 
 
-@contextlib.contextmanager
-def _keras_distribute_fixes(model: Any, strategy: Any, element_spec: Any) -> Iterator[None]:
-    """Work around two Keras 3 bugs under tf.distribute, for the duration of one ``fit`` (instance attributes only).
-
-    - Keras builds a model under a strategy from the first batch after
-      ``strategy.reduce("MEAN", batch)``, which fails for nested inputs (``reduce``
-      takes no nest) and all-reduces data whose padded shapes differ between
-      replicas; the signature says all building needs, so the model builds from
-      symbolic tensors of it instead.
-    - Under a multi-worker ``MultiWorkerMirroredStrategy`` Keras reduces each step's
-      logs with ``reduce("MEAN", v, axis=0)``, which fails on scalars ("Invalid
-      reduction dimension 0 for input with 0 dimensions"); the step returns them as
-      one-element vectors, which that reduce averages back to scalars.
-
-    See keras-team/keras#20329 and #20585.
-    """
-    if element_spec is None:
-        yield
-        return
-    import keras
-
-    def symbolic(spec: Any) -> Any:
-        return keras.KerasTensor(tuple(spec.shape), spec.dtype.name)
-
-    batch = tuple(keras.tree.map_structure(symbolic, part) for part in element_spec)
-
-    def build(iterator: Any = None, data_batch: Any = None) -> None:
-        with strategy.scope():
-            model._symbolic_build(data_batch=batch)
-
-    overrides: dict[str, Any] = {"_maybe_symbolic_build": build}
-    import tensorflow as tf
-
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and strategy.extended._in_multi_worker_mode():
-
-        def as_vectors(step: Any) -> Any:
-            def wrapped(data: Any) -> Any:
-                return keras.tree.map_structure(lambda v: tf.reshape(v, [1]) if v.shape.rank == 0 else v, step(data))
-
-            return wrapped
-
-        overrides["train_step"] = as_vectors(model.train_step)
-        overrides["test_step"] = as_vectors(model.test_step)
-    for name, value in overrides.items():
-        setattr(model, name, value)  # an instance attribute shadows the method for this call only
-    try:
-        yield
-    finally:
-        for name in overrides:
-            delattr(model, name)
-
-
-def _check_distributed(model: Any, strategy: Any, *, adaptive: bool, target_batch_size: int | None) -> None:
+def _check_distributed(model: Any, strategy: Any, *, adaptive: bool) -> None:
     """Refuse what autobatch.fit cannot do under tf.distribute, saying what to do instead."""
     if adaptive:
         raise ConfigError(
             "adaptive=True is not supported under tf.distribute: a worker cutting its batches alone would take more "
-            "steps than its peers, which then wait for it. Train with adaptive=False (the plan is agreed by all workers)."
-        )
-    if target_batch_size is not None:
-        raise ConfigError(
-            "target_batch_size is not supported under tf.distribute yet; the global batch is the per-replica batch "
-            "× num_replicas_in_sync. Use max_batch_size= to cap the per-replica batch."
+            "steps than its peers, which then wait for it. Train with adaptive=False (all workers agree on the plan)."
         )
     own = getattr(model, "_distribute_strategy", None)
     if own is not strategy:

@@ -255,13 +255,22 @@ def test_fit_under_a_single_device_mirrored_strategy_plans_per_replica_and_feeds
         model.compile(optimizer="sgd", loss="mse")
     history = autobatch.fit(
         model, x, y, preprocess=preprocess, epochs=2, ram_limit="4GiB", max_batch_size=64, cache=False,
-        callbacks=[Record()], monitor_options={"disable": True},
+        callbacks=[Record()], monitor_options={"disable": True}, validation_split=0.2,
     )
     plan = history.autobatch_plan
     assert plan.distribution is not None and plan.distribution.num_replicas_in_sync == 1
-    assert plan.batch_size == plan.global_batch_size == 64 and plan.steps_per_epoch == 5
-    assert len(history.history["loss"]) == 2
-    assert len(seen) == 5 and sorted(np.concatenate(seen).tolist()) == list(range(n))
+    assert plan.batch_size == plan.global_batch_size == 64
+    assert len(history.history["loss"]) == len(history.history["val_loss"]) == 2
+    trained = np.concatenate(seen).tolist()
+    assert len(seen) == 4 and len(trained) == len(set(trained)) == n - round(0.2 * n)  # the training split, once each
+
+
+def test_plan_refuses_a_target_batch_under_a_strategy(frame):
+    import tensorflow as tf
+
+    with pytest.raises(ConfigError) as excinfo:
+        autobatch.plan(frame, "label", strategy=tf.distribute.MirroredStrategy(["CPU:0"]), target_batch_size=512)
+    assert "target_batch_size is not supported under tf.distribute" in str(excinfo.value)
 
 
 def test_fit_rejects_adaptive_under_a_strategy():
@@ -322,8 +331,16 @@ def test_two_workers_agree_on_the_batch_the_smaller_ram_limit_allows_and_share_e
     ports = f"{_free_port()},{_free_port()}"
     limits = ["1400MiB", "1100MiB"]  # worker 1 has less memory: it must set the batch both train with
     outs = [tmp_path / f"worker{i}.json" for i in range(2)]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    sizes, rng = [300, 120, 260, 90, 200, 140, 180], np.random.default_rng(0)
+    for i, size in enumerate(sizes):
+        frame = pd.DataFrame(rng.standard_normal((size, 16)), columns=[f"f{j}" for j in range(16)])
+        frame.insert(0, "id", np.arange(sum(sizes[:i]), sum(sizes[: i + 1])))
+        frame.assign(label=(frame["f0"] > 0).astype(float)).to_csv(shards / f"{i}.csv", index=False)
     commands = [
-        [sys.executable, str(WORKER), str(outs[i]), "--workers", ports, "--index", str(i), "--ram-limit", limits[i]]
+        [sys.executable, str(WORKER), str(outs[i]), "--workers", ports, "--index", str(i), "--ram-limit", limits[i],
+         "--then-shards", str(shards)]
         for i in range(2)
     ]
     results = _run(commands, outs)
@@ -348,3 +365,11 @@ def test_two_workers_agree_on_the_batch_the_smaller_ram_limit_allows_and_share_e
     assert "autobatch workers" in first["output"] and "autobatch workers" not in second["output"]
     for result, limit in zip(results, (1400 * MiB, 1100 * MiB), strict=True):
         assert result["peak_rss_bytes"] < limit
+    # Shard files: each worker read only its own files, both took the same steps, every row once per epoch.
+    by_file = [result["shards"] for result in results]
+    assert [s["by"] for s in by_file] == ["file", "file"] and not set(by_file[0]["files"]) & set(by_file[1]["files"])
+    assert len(by_file[0]["files"]) + len(by_file[1]["files"]) == len(sizes)
+    assert by_file[0]["steps"] == by_file[1]["steps"] == by_file[0]["keras_steps"] == by_file[1]["keras_steps"]
+    rows = [i for s in by_file for call in s["consumed"] for i in call]
+    assert sorted(rows) == list(range(sum(sizes)))
+    assert by_file[0]["epoch"] == by_file[1]["epoch"] == 2  # both advanced with Keras's epochs

@@ -28,6 +28,7 @@ be on the same epoch's order.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -163,6 +164,53 @@ def shard_for_worker(
     return feed, WorkerShard(layout.worker_index, workers, "data", cells[:, first : first + local])
 
 
+@contextlib.contextmanager
+def keras_workarounds(model: Any, strategy: Any, element_spec: Any) -> Iterator[None]:
+    """Work around two Keras 3 bugs under tf.distribute, for the duration of one ``fit`` (instance attributes only).
+
+    - Keras builds a model under a strategy from the first batch after
+      ``strategy.reduce("MEAN", batch)``, which fails for nested inputs (``reduce``
+      takes no nest) and all-reduces data whose padded shapes differ between
+      replicas; the signature says all building needs, so the model builds from
+      symbolic tensors of it instead.
+    - Under a multi-worker ``MultiWorkerMirroredStrategy`` Keras reduces each step's
+      logs with ``reduce("MEAN", v, axis=0)``, which fails on scalars ("Invalid
+      reduction dimension 0 for input with 0 dimensions"); the step returns them as
+      one-element vectors, which that reduce averages back to scalars.
+
+    See keras-team/keras#20329 and #20585.
+    """
+    import tensorflow as tf
+
+    def symbolic(spec: Any) -> Any:
+        return keras.KerasTensor(tuple(spec.shape), spec.dtype.name)
+
+    batch = tuple(keras.tree.map_structure(symbolic, part) for part in element_spec)
+
+    def build(iterator: Any = None, data_batch: Any = None) -> None:
+        with strategy.scope():
+            model._symbolic_build(data_batch=batch)
+
+    overrides: dict[str, Any] = {"_maybe_symbolic_build": build}
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and strategy.extended._in_multi_worker_mode():
+
+        def as_vectors(step: Any) -> Any:
+            def wrapped(data: Any) -> Any:
+                return keras.tree.map_structure(lambda v: tf.reshape(v, [1]) if v.shape.rank == 0 else v, step(data))
+
+            return wrapped
+
+        overrides["train_step"] = as_vectors(model.train_step)
+        overrides["test_step"] = as_vectors(model.test_step)
+    for name, value in overrides.items():
+        setattr(model, name, value)  # an instance attribute shadows the method for this call only
+    try:
+        yield
+    finally:
+        for name in overrides:
+            delattr(model, name)
+
+
 class _AdvanceEpoch(keras.callbacks.Callback):
     """Moves the feed to the next epoch's order when Keras ends an epoch (on every worker alike)."""
 
@@ -187,6 +235,12 @@ class DistributedFeed:
     """A Keras callback advancing ``feed``'s epoch at each epoch's end: pass it to ``model.fit`` when training."""
     element_spec: Any
     """The ``tf.TensorSpec`` structure of one per-replica batch."""
+    strategy: Any
+    """The strategy the dataset is distributed with."""
+
+    def keras_workarounds(self, model: Any) -> contextlib.AbstractContextManager[None]:
+        """Around ``model.fit``: work around Keras 3's failures under tf.distribute (see :func:`keras_workarounds`)."""
+        return keras_workarounds(model, self.strategy, self.element_spec)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -222,7 +276,7 @@ def distribute_feed(
 
     Returns:
         A :class:`DistributedFeed`: pass ``.dataset`` to ``model.fit`` with ``.callback``
-        among the callbacks (``shuffle=False``: the feed shuffles).
+        among the callbacks, inside ``with share.keras_workarounds(model):``.
 
     Raises:
         ConfigError: no strategy, a bad option, or too little data for the replicas.
@@ -232,7 +286,8 @@ def distribute_feed(
         ...     model = build_and_compile()
         >>> plan = autobatch.plan(df, "label", preprocess=pad, model=model)   # inside the scope, or strategy=
         >>> share = autobatch.distribute_feed(plan.feed(df, "label", preprocess=pad), plan, strategy)
-        >>> model.fit(share.dataset, epochs=3, callbacks=[share.callback])
+        >>> with share.keras_workarounds(model):
+        ...     model.fit(share.dataset, epochs=3, callbacks=[share.callback])
     """
     import tensorflow as tf
 
@@ -299,5 +354,10 @@ def distribute_feed(
 
     distributed = active.distribute_datasets_from_function(dataset_fn)
     return DistributedFeed(
-        feed=local, shard=shard, dataset=distributed, callback=_AdvanceEpoch(local), element_spec=signature
+        feed=local,
+        shard=shard,
+        dataset=distributed,
+        callback=_AdvanceEpoch(local),
+        element_spec=signature,
+        strategy=active,
     )
