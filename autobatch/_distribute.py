@@ -352,12 +352,13 @@ def distribute_plan(
     limited_by, explanation = chosen.limited_by, chosen.explanation
     if chosen.limited_by == "max_batch_size" and (cap is None or cap > batch):
         # The cap passed above is the agreement, not the user's max_batch_size: say whose limit it is.
-        what = {"host": "host memory", "gpu": "gpu memory", "trial": "a real trial that ran out of memory"}
-        limited_by = what.get(limiting.limited_by, limiting.limited_by)
-        if limiting.limited_by == "dataset":
-            limited_by = "the dataset size over all replicas"
-        elif limiting.worker != layout.worker_index:
-            limited_by = f"worker {limiting.worker}'s {limited_by}"
+        where = "" if limiting.worker == layout.worker_index else f"worker {limiting.worker}'s "
+        limited_by = {
+            "host": f"{where}host memory",
+            "gpu": f"{where}gpu memory",
+            "trial": "a real trial that ran out of memory" + (f" on worker {limiting.worker}" if where else ""),
+            "dataset": "the dataset size over all replicas",
+        }.get(limiting.limited_by, f"{where}{limiting.limited_by}")
         explanation = explanation.replace("is limited by max_batch_size", f"per replica is limited by {limited_by}", 1)
     return dataclasses.replace(
         chosen,

@@ -273,6 +273,18 @@ def test_plan_refuses_a_target_batch_under_a_strategy(frame):
     assert "target_batch_size is not supported under tf.distribute" in str(excinfo.value)
 
 
+def test_fit_refuses_a_model_built_outside_the_strategy_it_trains_with():
+    import keras
+    import tensorflow as tf
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    strategy = tf.distribute.MirroredStrategy(["CPU:0"])
+    with pytest.raises(ConfigError) as excinfo:
+        autobatch.fit(model, np.zeros((10, 2), "float32"), np.zeros(10, "float32"), strategy=strategy)
+    assert "inside `with strategy.scope():`" in str(excinfo.value)
+
+
 def test_fit_rejects_adaptive_under_a_strategy():
     import keras
     import tensorflow as tf
@@ -352,8 +364,8 @@ def test_two_workers_agree_on_the_batch_the_smaller_ram_limit_allows_and_share_e
     own = first["own_limits"]
     assert own == second["own_limits"] and own["0"] > own["1"] == first["per_replica_batch_size"]
     assert first["limiting_worker"] == second["limiting_worker"] == 1
-    assert first["limited_by"] == "worker 1's host memory"
-    assert second["confirmed"] and "per replica is limited by host memory" in second["explanation"]
+    assert "worker 1" in first["limited_by"] and "worker 1" in first["explanation"].split(".")[0]
+    assert second["confirmed"] and "max_batch_size" not in second["explanation"]  # its own memory, confirmed by a trial
     # The same number of steps on both, and across the workers every sample exactly once in the epoch.
     assert first["keras_steps"] == second["keras_steps"] == first["steps_per_epoch"] == first["steps_trained"]
     consumed = [i for result in results for call in result["consumed"] for i in call]
@@ -363,8 +375,8 @@ def test_two_workers_agree_on_the_batch_the_smaller_ram_limit_allows_and_share_e
     assert [w["worker"] for w in first["workers"]] == [0, 1] and first["workers"] == second["workers"]
     assert first["workers"][1]["host_budget_bytes"] == 1100 * MiB and first["workers"][0]["samples"] == 1500
     assert "autobatch workers" in first["output"] and "autobatch workers" not in second["output"]
-    for result, limit in zip(results, (1400 * MiB, 1100 * MiB), strict=True):
-        assert result["peak_rss_bytes"] < limit
+    for index, result in enumerate(results):  # the exchanged summaries carry each worker's own measurement
+        assert 300 * MiB < first["workers"][index]["peak_rss_bytes"] <= result["peak_rss_bytes"]
     # Shard files: each worker read only its own files, both took the same steps, every row once per epoch.
     by_file = [result["shards"] for result in results]
     assert [s["by"] for s in by_file] == ["file", "file"] and not set(by_file[0]["files"]) & set(by_file[1]["files"])
