@@ -83,7 +83,7 @@ class ReplicaLimit:
 
     def describe(self) -> str:
         what = f"{self.limited_by} memory {format_bytes(self.budget_bytes)}" if self.budget_bytes else self.limited_by
-        return f"worker {self.worker} (replica {self.replica}: {what}) allows {self.max_batch_size:,} per replica"
+        return f"worker {self.worker} (replica {self.replica}, {what}): at most {self.max_batch_size:,} per replica"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +117,7 @@ class Distribution:
         tail = "".join(f"; worker {w} alone would allow {b:,}" for w, b in others[:4])
         return (
             f"{self.strategy}: {self.per_replica_batch_size:,} per replica × {self.num_replicas_in_sync} replica(s) "
-            f"on {self.num_workers} worker(s) = global batch {self.global_batch_size:,}; the limit is "
+            f"on {self.num_workers} worker(s) = global batch {self.global_batch_size:,}; the limit is set by "
             f"{self.limiting.describe()}{tail}"
         )
 
@@ -305,7 +305,8 @@ def agree(limits: Sequence[ReplicaLimit], *, n_samples: int) -> tuple[int, Repli
     limiting = min(limits, key=lambda r: (r.max_batch_size, r.worker, r.replica))
     if limiting.max_batch_size < 1:
         raise ConfigError(
-            f"{limiting.describe()}: not even one sample. Raise that worker's ram_limit/gpu_limit or free memory there."
+            f"{limiting.describe()}, so not even one sample fits there. Raise that worker's ram_limit/gpu_limit or free "
+            "memory there."
         )
     cap = max(math.ceil(n_samples / len(limits)), 1)
     if cap < limiting.max_batch_size:

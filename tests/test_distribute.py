@@ -80,7 +80,7 @@ def test_the_worker_with_less_memory_sets_the_shared_batch_and_is_named():
         assert plan.global_batch_size == 2 * plan.batch_size
         assert plan.distribution.limiting_worker == 1
         assert plan.steps_per_epoch == -(-result.n_samples // plan.global_batch_size)
-        assert "worker 1 (replica 1: host memory 1.5 GiB) allows" in plan.explanation
+        assert "the limit is set by worker 1 (replica 1, host memory 1.5 GiB): at most" in plan.explanation
         agreed.append(plan)
     assert agreed[0].limited_by == "worker 1's host memory"
     assert agreed[0].explanation.startswith(f"batch {agreed[0].batch_size:,} per replica is limited by worker 1's host memory")
