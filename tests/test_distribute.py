@@ -309,19 +309,21 @@ def _free_port() -> int:
 
 def _run(commands: list[list[str]], outs: list[Path], timeout_s: float = 240) -> list[dict]:
     """Start the processes together, wait for all (killing them past the timeout), return their JSON."""
-    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for cmd in commands]
-    errors = []
+    # stderr to files, not pipes: a worker blocked on a full pipe would stall its peer in the next collective.
+    logs = [out.with_suffix(".stderr") for out in outs]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w")) for cmd, log in zip(commands, logs, strict=True)
+    ]
     try:
         for proc in procs:
-            _, err = proc.communicate(timeout=timeout_s)
-            errors.append(err)
+            proc.wait(timeout=timeout_s)
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    for proc, err in zip(procs, errors, strict=True):
-        assert proc.returncode == 0, err[-3000:]
+    for proc, log in zip(procs, logs, strict=True):
+        assert proc.returncode == 0, log.read_text()[-3000:]
     return [json.loads(out.read_text()) for out in outs]
 
 

@@ -138,7 +138,9 @@ def shard_for_worker(
             mine.set_epoch(feed.epoch)
             cells = cell_bounds(rows[layout.worker_index], steps, local)
             shard = WorkerShard(layout.worker_index, workers, "file", cells, files)
-            logger.info("worker %d reads %d of %d shard file(s), %d rows", layout.worker_index, len(files), len(counts), shard.rows)
+            logger.info(
+                "worker %d reads %d of %d shard file(s), %d rows", layout.worker_index, len(files), len(counts), shard.rows
+            )
             return mine, shard
         reason = (
             f"{len(counts)} shard file(s) cannot give each of {workers} workers rows for all {steps} steps "
