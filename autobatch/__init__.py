@@ -6,6 +6,7 @@ import importlib
 import logging
 from typing import Any
 
+from autobatch._distribute import ClusterSummary, Distribution, ReplicaLimit, WorkerMemory
 from autobatch._memory import Budget
 from autobatch._units import format_bytes, parse_bytes
 from autobatch.api import fit, plan
@@ -31,12 +32,14 @@ logging.getLogger("autobatch").addHandler(logging.NullHandler())
 # they load on first use, keeping `import autobatch` and the planning CLI fast.
 _LAZY = {
     "BaseFeed": "autobatch.feeds",
+    "DistributedFeed": "autobatch.feeds.distributed",
     "FeedStats": "autobatch.feeds.base",
     "InMemoryFeed": "autobatch.feeds",
     "MemoryMonitor": "autobatch.monitor",
     "MemoryReading": "autobatch.monitor",
     "MonitorSummary": "autobatch.monitor",
     "ShardFeed": "autobatch.feeds",
+    "distribute_feed": "autobatch.feeds.distributed",
     "make_feed": "autobatch.feeds",
 }
 
@@ -54,8 +57,11 @@ __all__ = [
     "Budget",
     "BudgetError",
     "BudgetUse",
+    "ClusterSummary",
     "ConfigError",
     "DataError",
+    "DistributedFeed",
+    "Distribution",
     "FeedStats",
     "InMemoryFeed",
     "MemoryMonitor",
@@ -66,11 +72,14 @@ __all__ = [
     "PreprocessError",
     "ProbeError",
     "ProbeResult",
+    "ReplicaLimit",
     "ShardFeed",
     "StepTrial",
     "TensorSpec",
+    "WorkerMemory",
     "bucket_length",
     "count_truncations",
+    "distribute_feed",
     "fit",
     "format_bytes",
     "make_feed",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -10,7 +11,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from autobatch import _cache
+from autobatch import _cache, _distribute
 from autobatch._memory import Budget, gpu_budget, host_budget, rss_bytes
 from autobatch.plan import Plan, make_plan
 from autobatch.errors import AutobatchError, ConfigError
@@ -93,6 +94,7 @@ def plan(
     cache: bool = True,
     cache_dir: str | os.PathLike[str] | None = None,
     in_process: bool = True,
+    strategy: Any = None,
     **probe_options: Any,
 ) -> Plan:
     """Probe the data (and model), read the memory budgets and plan the largest safe batch.
@@ -122,6 +124,12 @@ def plan(
         in_process: training will run in this process, so what it already holds beyond
             the probe child's runtime, model and the dataset is budgeted too. The CLI,
             planning for another process, passes ``False``.
+        strategy: a ``tf.distribute`` strategy to plan for; default: the one whose
+            ``scope()`` is active, if any. Then ``batch_size`` (and ``max_batch_size``) are
+            per replica: each replica's own device budget (GPU) and its share of its host's
+            RAM bound it, and with several workers they agree on the smallest through the
+            strategy's collectives (every worker must call this). ``plan.distribution``
+            holds ``num_replicas_in_sync``, the global batch and which worker set the limit.
         **probe_options: passed to :class:`autobatch.probe.Prober`
             (``sample_batch_size``, ``trial_batch_sizes``, ``steps``, ``seed``, ``timeout_s``).
 
@@ -136,10 +144,28 @@ def plan(
         >>> p = autobatch.plan(df, "label", preprocess=pad, model=model, ram_limit="4GiB")
         >>> print(p)
     """
+    active = _distribute.current_strategy(strategy, model=model)
+    layout = _distribute.strategy_layout(active) if active is not None else None
+    if layout is not None and target_batch_size is not None:
+        raise ConfigError(
+            "target_batch_size is not supported under tf.distribute yet; the global batch is the per-replica batch "
+            "× num_replicas_in_sync. Use max_batch_size= to cap the per-replica batch."
+        )
     budgets = [host_budget(ram_limit)]
-    gpu = gpu_budget(gpu_limit)
-    if gpu is not None:
-        budgets.append(gpu)
+    device_budgets: list[Budget | None] = []
+    if layout is None:
+        gpu = gpu_budget(gpu_limit)
+        if gpu is not None:
+            budgets.append(gpu)
+    else:
+        # One budget per replica's device; the process-wide plan below is against the host, which they share.
+        device_budgets = _distribute.device_gpu_budgets(layout, gpu_limit)
+        gpus = [b for b in device_budgets if b is not None]
+        if gpus:
+            budgets.append(min(gpus, key=lambda b: b.limit_bytes))
+    if layout is not None and max_batch_size is not None:
+        max_batch_size *= layout.local_replicas  # per replica; this process holds all its replicas' batches
+    plan_budgets = budgets if layout is None else budgets[:1]
     options = dict(
         safety=safety,
         max_batch_size=max_batch_size,
@@ -147,6 +173,44 @@ def plan(
         queue_batches=queue_batches,
         target_batch_size=target_batch_size,
     )
+    run = dict(confirm=confirm, cache=cache, cache_dir=cache_dir, in_process=in_process, probe_options=probe_options)
+    if layout is None:
+        return _plan_locally(x, y, preprocess, model, budgets, budgets, options, **run)
+    try:
+        local = _plan_locally(x, y, preprocess, model, budgets, plan_budgets, options, **run)
+        limits = _distribute.replica_limits(local.probe, local, device_budgets, layout, options=options)
+        failure: AutobatchError | None = None
+    except AutobatchError as exc:
+        # Still take part in the exchange (peers would wait for this worker forever), then fail on every worker.
+        local, failure = None, exc
+        limits = [
+            _distribute.ReplicaLimit(layout.worker_index, layout.worker_index * layout.local_replicas + i, 0, "host", 0)
+            for i in range(layout.local_replicas)
+        ]
+    limits = _distribute.gather_limits(active, layout, limits)
+    if failure is not None or local is None:
+        raise failure if failure is not None else AutobatchError("planning failed on this worker")
+    if max_batch_size is not None:
+        options["max_batch_size"] = max_batch_size // layout.local_replicas
+    return _distribute.distribute_plan(local, limits, layout, budgets, options=options)
+
+
+def _plan_locally(
+    x: Any,
+    y: Any,
+    preprocess: Any,
+    model: Any,
+    budgets: Sequence[Budget],
+    plan_budgets: Sequence[Budget],
+    options: dict[str, Any],
+    *,
+    confirm: bool,
+    cache: bool,
+    cache_dir: str | os.PathLike[str] | None,
+    in_process: bool,
+    probe_options: Mapping[str, Any],
+) -> Plan:
+    """Probe, then plan (and confirm) against ``plan_budgets`` in this process; ``budgets`` key the cache."""
     with Prober(x, y, preprocess=preprocess, model=model, **probe_options) as prober:
         probe_key = prober.cache_key()
         settings = repr((_budget_bucket(budgets), sorted(options.items()))).encode()
@@ -167,11 +231,11 @@ def plan(
             held = result.raw_bytes if result.source == "in_memory" else 0
             options["process_extra_bytes"] = max(rss_bytes() - result.baseline_rss_bytes - held, 0)
         if confirm and result.has_model:
-            chosen, result = confirm_plan(prober, result, budgets, **options)
+            chosen, result = confirm_plan(prober, result, plan_budgets, **options)
             if cache:
                 _cache.store(plan_key, result.to_dict(), cache_dir)
         else:
-            chosen = make_plan(result, budgets, **options)
+            chosen = make_plan(result, plan_budgets, **options)
         return chosen
 
 
@@ -259,6 +323,7 @@ def fit(
     console: Console | None = None,
     cache: bool = True,
     verbose: int | str = 0,
+    strategy: Any = None,
     **fit_kwargs: Any,
 ) -> Any:
     """Probe, plan, feed and train in one call: ``model.fit`` at the largest batch that fits.
@@ -302,6 +367,12 @@ def fit(
         console: where the plan, the monitor and the summary are drawn.
         cache: reuse an identical earlier probe.
         verbose: Keras's progress bar; 0 by default so it does not fight the monitor.
+        strategy: a ``tf.distribute`` strategy; default: the one whose ``scope()`` is active
+            (build and compile the model inside it). The plan is per replica and agreed by
+            all workers; each worker trains on its own share of the data (every sample once
+            per epoch across workers) and monitors its own memory; the chief prints every
+            worker's summary, also returned as ``history.autobatch_workers``. Every worker
+            runs the same ``autobatch.fit`` call.
         **fit_kwargs: passed to ``model.fit``.
 
     Returns:
@@ -334,6 +405,9 @@ def fit(
         raise ConfigError("pass either `validation_data` or `validation_split`, not both.")
     if adaptive and not monitor:
         raise ConfigError("adaptive=True needs the monitor (monitor=True): it is what watches the memory headroom.")
+    active = _distribute.current_strategy(strategy, model=model)
+    if active is not None:
+        _check_distributed(model, active, adaptive=adaptive)
     console = console or RichConsole()
     chosen = plan(
         x,
@@ -346,6 +420,7 @@ def fit(
         max_batch_size=max_batch_size,
         target_batch_size=target_batch_size,
         cache=cache,
+        strategy=active,
     )
     console.print(chosen)
     feeds = chosen.feed(
@@ -361,9 +436,20 @@ def fit(
     if chosen.gradient_accumulation_steps > 1:
         _optimizer_with_accumulation(model, chosen.gradient_accumulation_steps)
     all_callbacks = list(callbacks or [])
+    shares: list[Any] = []
+    if chosen.distribution is not None:
+        from autobatch.feeds.distributed import distribute_feed
+
+        # This worker's share: its files or its cells of the shared order, the same number of steps on every worker.
+        shares.append(distribute_feed(train, chosen, active, prefetch=max(chosen.queue_batches, 1)))
+        all_callbacks.append(shares[0].callback)
+        if isinstance(validation, BaseFeed):
+            shares.append(distribute_feed(validation, chosen, active, prefetch=1))
     watcher = None
     if monitor:
-        options = {"console": console, "log_path": log_path, "feed": train, "adaptive": adaptive, **(monitor_options or {})}
+        watched = shares[0].feed if shares else train
+        options = {"console": console, "log_path": log_path, "feed": watched, "adaptive": adaptive}
+        options.update(monitor_options or {})
         watcher = MemoryMonitor(chosen, **options)
         all_callbacks.insert(0, watcher)
     if adaptive and chosen.gradient_accumulation_steps > 1:
@@ -371,13 +457,18 @@ def fit(
     # Keras infers a PyDataset's signature from its first two batches and would fix a padded axis that
     # happened to match; the probe's signature marks the axes that vary. Prefetch what the plan budgets.
     signature = chosen.probe.output_signature
-    train_data = train.to_tf_dataset(signature, prefetch=max(chosen.queue_batches, 1), adaptive=adaptive)
-    if isinstance(validation, BaseFeed):
-        validation = validation.to_tf_dataset(signature, prefetch=1)
-    fed = [feed for feed in (train, validation) if isinstance(feed, BaseFeed)]
+    if shares:
+        train_data = shares[0].dataset
+        validation = shares[1].dataset if len(shares) > 1 else validation
+        fed = [share.feed for share in shares]
+    else:
+        train_data = train.to_tf_dataset(signature, prefetch=max(chosen.queue_batches, 1), adaptive=adaptive)
+        if isinstance(validation, BaseFeed):
+            validation = validation.to_tf_dataset(signature, prefetch=1)
+        fed = [feed for feed in (train, validation) if isinstance(feed, BaseFeed)]
     _feed_failure(*fed)  # forget failures of earlier passes
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), (shares[0].keras_workarounds(model) if shares else contextlib.nullcontext()):
             if adaptive:
                 # An adaptive epoch ends when its rows are served, before the upper-bound count Keras was told.
                 warnings.filterwarnings("ignore", message="Your input ran out of data", category=UserWarning)
@@ -397,4 +488,25 @@ def fit(
         raise
     history.autobatch_plan = chosen
     history.autobatch_summary = watcher.summary if watcher is not None else None
+    history.autobatch_workers = None
+    if chosen.distribution is not None and watcher is not None and watcher.summary is not None:
+        layout = _distribute.strategy_layout(active)
+        history.autobatch_workers = _distribute.gather_summaries(active, layout, watcher.summary)
+        if layout.is_chief:
+            console.print(history.autobatch_workers)
     return history
+
+
+def _check_distributed(model: Any, strategy: Any, *, adaptive: bool) -> None:
+    """Refuse what autobatch.fit cannot do under tf.distribute, saying what to do instead."""
+    if adaptive:
+        raise ConfigError(
+            "adaptive=True is not supported under tf.distribute: a worker cutting its batches alone would take more "
+            "steps than its peers, which then wait for it. Train with adaptive=False (all workers agree on the plan)."
+        )
+    own = getattr(model, "_distribute_strategy", None)
+    if own is not strategy:
+        raise ConfigError(
+            f"model {getattr(model, 'name', model)!r} was not built under the strategy autobatch.fit trains with "
+            f"({type(strategy).__name__}). Build and compile it inside `with strategy.scope():`."
+        )

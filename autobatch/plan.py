@@ -29,12 +29,15 @@ import dataclasses
 import io
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from autobatch._memory import Budget
 from autobatch._units import format_bytes
 from autobatch.errors import BudgetError, ConfigError
 from autobatch.probe import ProbeResult
+
+if TYPE_CHECKING:
+    from autobatch._distribute import Distribution
 
 Strategy = Literal["in_memory", "stream"]
 
@@ -85,6 +88,13 @@ class Plan:
     target_batch_size: int | None
     """The batch size the user asked the optimisation to see, if any."""
     probe: ProbeResult
+    distribution: Distribution | None = None
+    """Under ``tf.distribute``: ``batch_size`` is per replica; the replicas, the global batch and which worker set it."""
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per step over all replicas: ``batch_size × num_replicas_in_sync`` (``batch_size`` on one device)."""
+        return self.distribution.global_batch_size if self.distribution is not None else self.batch_size
 
     @property
     def effective_batch_size(self) -> int:
@@ -144,7 +154,10 @@ class Plan:
             ),
             f"   strategy {self.strategy}   {self.steps_per_epoch:,} steps/epoch over {self.n_samples:,} samples",
         )
-        return Group(header, table, Text(self.explanation), Text(confirmed, style="dim"))
+        parts = [header, table, Text(self.explanation), Text(confirmed, style="dim")]
+        if self.distribution is not None:
+            parts.insert(1, self.distribution)
+        return Group(*parts)
 
     def __str__(self) -> str:
         from rich.console import Console
