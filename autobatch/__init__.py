@@ -8,7 +8,7 @@ from typing import Any
 
 from autobatch._memory import Budget
 from autobatch._units import format_bytes, parse_bytes
-from autobatch.api import fit, plan
+from autobatch.api import fit, plan, plan_size_aware
 from autobatch.errors import (
     AutobatchError,
     BudgetError,
@@ -19,8 +19,9 @@ from autobatch.errors import (
     ProbeError,
 )
 from autobatch.padding import bucket_length, count_truncations, pad_columns, pad_sequences_batch
-from autobatch.plan import BudgetUse, Plan, make_plan
+from autobatch.plan import Bucket, BucketPlan, BudgetUse, Plan, make_bucket_plan, make_plan
 from autobatch.probe import ProbeResult, StepTrial, TensorSpec, probe
+from autobatch.size_probe import GridTrial, LengthMemoryModel, SizeAwareProbe
 
 __version__ = "0.1.0"
 
@@ -37,7 +38,10 @@ _LAZY = {
     "MemoryReading": "autobatch.monitor",
     "MonitorSummary": "autobatch.monitor",
     "ShardFeed": "autobatch.feeds",
+    "SizeAwareFeed": "autobatch.feeds.size_aware",
+    "SizeAwareShardFeed": "autobatch.feeds.size_aware",
     "make_feed": "autobatch.feeds",
+    "make_size_aware_feed": "autobatch.feeds.size_aware",
 }
 
 
@@ -51,13 +55,17 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AutobatchError",
     "BaseFeed",
+    "Bucket",
+    "BucketPlan",
     "Budget",
     "BudgetError",
     "BudgetUse",
     "ConfigError",
     "DataError",
     "FeedStats",
+    "GridTrial",
     "InMemoryFeed",
+    "LengthMemoryModel",
     "MemoryMonitor",
     "MemoryReading",
     "ModelError",
@@ -67,17 +75,23 @@ __all__ = [
     "ProbeError",
     "ProbeResult",
     "ShardFeed",
+    "SizeAwareFeed",
+    "SizeAwareProbe",
+    "SizeAwareShardFeed",
     "StepTrial",
     "TensorSpec",
     "bucket_length",
     "count_truncations",
     "fit",
     "format_bytes",
+    "make_bucket_plan",
     "make_feed",
     "make_plan",
+    "make_size_aware_feed",
     "pad_columns",
     "pad_sequences_batch",
     "parse_bytes",
     "plan",
+    "plan_size_aware",
     "probe",
 ]

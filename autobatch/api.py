@@ -259,6 +259,8 @@ def fit(
     console: Console | None = None,
     cache: bool = True,
     verbose: int | str = 0,
+    batching: Literal["fixed", "size-aware"] = "fixed",
+    size_aware_options: Mapping[str, Any] | None = None,
     **fit_kwargs: Any,
 ) -> Any:
     """Probe, plan, feed and train in one call: ``model.fit`` at the largest batch that fits.
@@ -302,6 +304,12 @@ def fit(
         console: where the plan, the monitor and the summary are drawn.
         cache: reuse an identical earlier probe.
         verbose: Keras's progress bar; 0 by default so it does not fight the monitor.
+        batching: ``"fixed"`` (one batch size) or ``"size-aware"``: samples grouped in length
+            buckets, each with its own batch size under the same budget and padded to its
+            bucket's boundary (see :func:`plan_size_aware`); needs sequence columns in the data.
+        size_aware_options: more keyword arguments for :func:`plan_size_aware` (``buckets``,
+            ``sequence_columns``, ``length_fn``, ``grid_batch_sizes`` ...); the feed gets
+            ``sequence_columns``/``length_fn`` too.
         **fit_kwargs: passed to ``model.fit``.
 
     Returns:
@@ -335,27 +343,45 @@ def fit(
     if adaptive and not monitor:
         raise ConfigError("adaptive=True needs the monitor (monitor=True): it is what watches the memory headroom.")
     console = console or RichConsole()
-    chosen = plan(
-        x,
-        y,
-        preprocess=preprocess,
-        model=model,
-        ram_limit=ram_limit,
-        gpu_limit=gpu_limit,
-        safety=safety,
-        max_batch_size=max_batch_size,
-        target_batch_size=target_batch_size,
-        cache=cache,
-    )
+    feed_options: dict[str, Any] = {}
+    if batching == "size-aware":
+        sized_options = dict(size_aware_options or {})
+        if target_batch_size is not None:
+            raise ConfigError("target_batch_size keeps one batch size by gradient accumulation; use batching='fixed'.")
+        feed_options = {k: sized_options[k] for k in ("sequence_columns", "length_fn") if k in sized_options}
+        chosen = plan_size_aware(
+            x, y, preprocess=preprocess, model=model, ram_limit=ram_limit, gpu_limit=gpu_limit, safety=safety,
+            max_batch_size=max_batch_size, **sized_options,
+        )
+    elif batching == "fixed":
+        if size_aware_options:
+            warnings.warn("size_aware_options only apply with batching='size-aware'; ignoring them.", stacklevel=2)
+        chosen = plan(
+            x,
+            y,
+            preprocess=preprocess,
+            model=model,
+            ram_limit=ram_limit,
+            gpu_limit=gpu_limit,
+            safety=safety,
+            max_batch_size=max_batch_size,
+            target_batch_size=target_batch_size,
+            cache=cache,
+        )
+    else:
+        raise ConfigError(f'`batching` must be "fixed" or "size-aware". Received: batching={batching!r}')
     console.print(chosen)
     feeds = chosen.feed(
-        x, y, preprocess=preprocess, shuffle=shuffle, seed=seed, validation_split=validation_split, nan_policy=nan_policy
+        x, y, preprocess=preprocess, shuffle=shuffle, seed=seed, validation_split=validation_split, nan_policy=nan_policy,
+        **feed_options,
     )
     train, validation = feeds if isinstance(feeds, tuple) else (feeds, None)
     if fit_kwargs.get("initial_epoch"):
         train.set_epoch(int(fit_kwargs["initial_epoch"]))  # a resumed run sees the orders the whole run would have
     if isinstance(validation_data, tuple) and len(validation_data) == 2:
-        validation = chosen.feed(*validation_data, preprocess=preprocess, shuffle=False, nan_policy=nan_policy)
+        validation = chosen.feed(
+            *validation_data, preprocess=preprocess, shuffle=False, nan_policy=nan_policy, **feed_options
+        )
     elif validation_data is not None:
         validation = validation_data
     if chosen.gradient_accumulation_steps > 1:
@@ -398,3 +424,98 @@ def fit(
     history.autobatch_plan = chosen
     history.autobatch_summary = watcher.summary if watcher is not None else None
     return history
+
+
+MAX_BUCKET_CONFIRMATIONS = 3
+
+
+def plan_size_aware(
+    x: Any,
+    y: Any = None,
+    *,
+    preprocess: Preprocess | str | None = None,
+    model: Any = None,
+    ram_limit: int | str | None = None,
+    gpu_limit: int | str | None = None,
+    safety: float = 0.1,
+    max_batch_size: int | None = None,
+    buckets: int | Sequence[int] = 8,
+    sequence_columns: Sequence[str] | None = None,
+    length_fn: Any = None,
+    grid_batch_sizes: Sequence[int] | None = None,
+    grid_lengths: Sequence[int] | None = None,
+    queue_batches: int = 2,
+    confirm: bool = True,
+    in_process: bool = True,
+    **probe_options: Any,
+) -> Any:
+    """Plan size-aware batching: one batch size per length bucket, each bucket's predicted peak within the budget.
+
+    Probes as :func:`plan` does, then runs a grid of real training trials over batch
+    sizes × padded lengths in the child process, fits memory as
+    ``a + p·batch·length (+ c·batch·length²)``, picks length buckets from the
+    data's length distribution (or ``buckets=[...]`` boundaries) and the largest
+    safe batch per bucket, and confirms the most demanding bucket with one more
+    real trial (stepping down when it does not fit). Not cached: the grid runs each time.
+
+    Args:
+        x, y, preprocess, model, ram_limit, gpu_limit, safety, max_batch_size, queue_batches,
+            in_process: as for :func:`plan`.
+        buckets: how many length buckets to choose, or their boundaries (inclusive upper lengths).
+        sequence_columns: the columns whose longest sequence is a sample's length; default: the
+            columns holding sequences (lists, arrays, or strings of numbers).
+        length_fn: ``length_fn(batch_x) -> lengths`` instead of ``sequence_columns``.
+        grid_batch_sizes: batch sizes of the grid's trials (default 16 and 64).
+        grid_lengths: padded lengths of the grid's trials (default ¼, ½ and all of the longest).
+        confirm: run the confirming trial at the most demanding bucket.
+        **probe_options: passed to :class:`autobatch.probe.Prober` (``steps``, ``seed``, ``timeout_s`` ...).
+
+    Returns:
+        The :class:`~autobatch.plan.BucketPlan`; ``plan.sized`` is the grid and its fitted model.
+
+    Raises:
+        AutobatchError: a subclass saying what is wrong with the data, the preprocessing,
+            the model or the budget (``ConfigError`` without a model or without a padded axis).
+
+    Example:
+        >>> p = autobatch.plan_size_aware(df, "label", preprocess=pad, model=model, ram_limit="4GiB")
+        >>> print(p)   # bucket range → padded length → batch size → predicted peak
+    """
+    from autobatch.plan import make_bucket_plan
+    from autobatch.size_probe import SizeAwareProber
+
+    if model is None:
+        raise ConfigError("size-aware planning fits memory against real training steps: pass `model=`.")
+    budgets = [host_budget(ram_limit)]
+    gpu = gpu_budget(gpu_limit)
+    if gpu is not None:
+        budgets.append(gpu)
+    options: dict[str, Any] = dict(
+        buckets=buckets, safety=safety, max_batch_size=max_batch_size, queue_batches=queue_batches
+    )
+    with Prober(x, y, preprocess=preprocess, model=model, **probe_options) as prober:
+        grid = SizeAwareProber(
+            prober,
+            sequence_columns=sequence_columns,
+            length_fn=length_fn,
+            grid_batch_sizes=grid_batch_sizes,
+            grid_lengths=grid_lengths,
+        )
+        result = prober.measure()
+        if in_process and result.baseline_rss_bytes is not None:
+            held = result.raw_bytes if result.source == "in_memory" else 0
+            options["process_extra_bytes"] = max(rss_bytes() - result.baseline_rss_bytes - held, 0)
+        sized = grid.measure(result)
+        chosen = make_bucket_plan(sized, budgets, **options)
+        for _ in range(MAX_BUCKET_CONFIRMATIONS if confirm else 0):
+            if chosen.confirmed:
+                break
+            host = chosen.budget("host")
+            if host is None:
+                break
+            bucket = max(chosen.buckets, key=lambda b: (b.predicted_peak_bytes, b.batch_size * b.hi))
+            extras = sum(v for name, v in host.components if name != "train step")
+            logger.info("confirming bucket %d-%d at batch %d with a real trial", bucket.lo, bucket.hi, bucket.batch_size)
+            sized = grid.confirm(sized, bucket.batch_size, bucket.hi, rss_limit_bytes=max(host.usable_bytes - extras, 1))
+            chosen = make_bucket_plan(sized, budgets, **options)
+        return chosen
