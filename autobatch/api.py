@@ -493,6 +493,8 @@ def plan_size_aware(
     options: dict[str, Any] = dict(
         buckets=buckets, safety=safety, max_batch_size=max_batch_size, queue_batches=queue_batches
     )
+    # The grid replaces the fixed-batch trials: one small trial gives the runtime's baseline and the signature.
+    probe_options.setdefault("trial_batch_sizes", (4,))
     with Prober(x, y, preprocess=preprocess, model=model, **probe_options) as prober:
         grid = SizeAwareProber(
             prober,
@@ -505,17 +507,30 @@ def plan_size_aware(
         if in_process and result.baseline_rss_bytes is not None:
             held = result.raw_bytes if result.source == "in_memory" else 0
             options["process_extra_bytes"] = max(rss_bytes() - result.baseline_rss_bytes - held, 0)
-        sized = grid.measure(result)
+        # A grid trial may not take more than the whole budget: past it, it counts as "does not fit".
+        sized = grid.measure(result, rss_limit_bytes=budgets[0].limit_bytes)
         chosen = make_bucket_plan(sized, budgets, **options)
         for _ in range(MAX_BUCKET_CONFIRMATIONS if confirm else 0):
-            if chosen.confirmed:
-                break
+            bucket = _bucket_to_confirm(chosen)
             host = chosen.budget("host")
-            if host is None:
+            if bucket is None or host is None:
                 break
-            bucket = max(chosen.buckets, key=lambda b: (b.predicted_peak_bytes, b.batch_size * b.hi))
             extras = sum(v for name, v in host.components if name != "train step")
             logger.info("confirming bucket %d-%d at batch %d with a real trial", bucket.lo, bucket.hi, bucket.batch_size)
             sized = grid.confirm(sized, bucket.batch_size, bucket.hi, rss_limit_bytes=max(host.usable_bytes - extras, 1))
             chosen = make_bucket_plan(sized, budgets, **options)
         return chosen
+
+
+def _bucket_to_confirm(chosen: Any) -> Any:
+    """The bucket a real trial should check next: the most demanding one, then one extrapolated far in tokens."""
+    measured = {(t.batch_size, t.length) for t in chosen.sized.grid if t.peak_rss_bytes is not None}
+    if not chosen.confirmed:
+        demanding = max(chosen.buckets, key=lambda b: (b.predicted_peak_bytes, b.batch_size * b.hi))
+        if (demanding.batch_size, demanding.hi) not in measured:
+            return demanding
+    fitted = max((t.tokens for t in chosen.sized.grid if t.fits and t.peak_rss_bytes), default=0)
+    widest = max(chosen.buckets, key=lambda b: b.batch_size * b.hi)
+    if widest.batch_size * widest.hi > 1.5 * fitted and (widest.batch_size, widest.hi) not in measured:
+        return widest
+    return None

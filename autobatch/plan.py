@@ -499,8 +499,8 @@ def bucket_boundaries(lengths: Any, buckets: int | Sequence[int] = 8, *, multipl
     """Length bucket boundaries: given, or chosen from the length distribution.
 
     With an int, the boundaries are picked among the distribution's percentiles
-    (each rounded up to a multiple of ``multiple``, the last one the longest
-    length) so that padding every sample to its bucket's boundary adds the fewest
+    and a geometric ladder of lengths (×1.2, for the long tail), each rounded up
+    to a multiple of ``multiple`` and the last one the longest length, so that padding every sample to its bucket's boundary adds the fewest
     padded positions (an exact dynamic programme). Given boundaries are sorted; a
     last bucket up to the longest length is added when they stop short of it.
 
@@ -524,8 +524,12 @@ def bucket_boundaries(lengths: Any, buckets: int | Sequence[int] = 8, *, multipl
     if isinstance(buckets, int):
         if buckets < 1:
             raise ConfigError(f"`buckets` must be >= 1. Received: buckets={buckets}")
+        # Percentiles resolve the bulk; a geometric ladder (×1.2) resolves the long tail, where few samples lie.
         qs = np.percentile(np.repeat(values, counts), np.linspace(0, 100, 101))
-        candidates = sorted({min(max(-(-int(math.ceil(q)) // multiple) * multiple, 1), longest) for q in qs} | {longest})
+        ladder = [float(values[0]) * 1.2**k for k in range(int(math.log(max(longest, 1) / max(values[0], 1), 1.2)) + 2)]
+        candidates = sorted(
+            {min(max(-(-int(math.ceil(q)) // multiple) * multiple, 1), longest) for q in (*qs, *ladder)} | {longest}
+        )
         return tuple(_padded_tokens_cost(values, counts, candidates, buckets))
     given = sorted({int(b) for b in buckets})
     if not given or given[0] < 1:
