@@ -76,7 +76,7 @@ def _column_lengths(values: Any, name: str) -> np.ndarray:
     if isinstance(values, pd.Series):
         series = values
     else:
-        series = pd.Series(list(values) if not isinstance(values, np.ndarray) or values.dtype == object else list(values))
+        series = pd.Series(list(values))
     array = series.to_numpy()
     if len(array) == 0:
         return np.zeros(0, dtype=np.int64)

@@ -516,8 +516,9 @@ def plan_size_aware(
             if bucket is None or host is None:
                 break
             extras = sum(v for name, v in host.components if name != "train step")
-            logger.info("confirming bucket %d-%d at batch %d with a real trial", bucket.lo, bucket.hi, bucket.batch_size)
-            sized = grid.confirm(sized, bucket.batch_size, bucket.hi, rss_limit_bytes=max(host.usable_bytes - extras, 1))
+            logger.info("confirming bucket %d-%d at batch %d by a real trial", bucket.lo, bucket.hi, bucket.batch_size)
+            limit = max(host.usable_bytes - extras, 1)
+            sized = grid.confirm(sized, bucket.batch_size, bucket.hi, rss_limit_bytes=limit)
             chosen = make_bucket_plan(sized, budgets, **options)
         return chosen
 

@@ -43,7 +43,7 @@ def _sizes(text: str) -> tuple[int, ...]:
 def _buckets(text: str) -> int | tuple[int, ...]:
     parts = _sizes(text)
     if not parts:
-        raise argparse.ArgumentTypeError(f"expected a number of buckets or boundaries such as 64,256,1024, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a bucket count or boundaries such as 64,256,1024, got {text!r}")
     return parts[0] if "," not in text else parts
 
 

@@ -785,7 +785,9 @@ def make_bucket_plan(
         held = [(name, a) for name, a, _ in parts if name in ("dataset", "shards read", "this process")]
         return sum(a for _, a in held), held
 
-    def lines(strategy: Strategy, length: int) -> list[tuple[Budget, float, float, float, list[tuple[str, float, float]]]]:
+    Line = tuple[Budget, float, float, float, list[tuple[str, float, float]]]
+
+    def lines(strategy: Strategy, length: int) -> list[Line]:
         """Per budget: usable, intercept, per-sample slope at ``length`` and named (intercept, slope) parts."""
         out = []
         for budget in budgets:

@@ -225,7 +225,7 @@ class SizeAwareProbe:
         )
 
     def failed_batch_size(self, length: int) -> int | None:
-        """The smallest batch that ran out of memory at a padded length ≤ ``length`` (so it fails at ``length`` too)."""
+        """The smallest batch that ran out of memory at a padded length ≤ ``length`` (so it fails at ``length``)."""
         failed = [t.batch_size for t in self.grid if not t.fits and t.length <= length]
         return min(failed) if failed else None
 
@@ -278,7 +278,8 @@ class SizeAwareProbe:
             + (f" (columns {', '.join(self.sequence_columns)})" if self.sequence_columns else " (length_fn)"),
         ]
         if self.host_model is not None:
-            caption.append(f"host model ({self.host_model.kind}): {self.host_model.describe()}, above every fitted trial")
+            model = self.host_model
+            caption.append(f"host model ({model.kind}): {model.describe()}, above every fitted trial")
         held = self.held_out_error
         if held is not None:
             above = self.held_out_error_above_baseline
@@ -353,7 +354,8 @@ def _trial(
     rows = pool.rows_for(batch_size, length)
     preprocess = prober._preprocess
     call = (lambda bx, by: preprocess(bx, by, maxlen=length)) if accepts_maxlen(preprocess) else preprocess
-    batch = run_preprocess(call, InMemoryData(*pool.data.take(rows)), where=f"a trial batch of {batch_size} × {length}")
+    where = f"a trial batch of {batch_size} × {length}"
+    batch = run_preprocess(call, InMemoryData(*pool.data.take(rows)), where=where)
     inputs = fit_length(batch.inputs, length, variable, "x")
     targets = fit_length(batch.targets, length, variable, "y")
     arrays, structure = pack_batch(inputs, targets)
@@ -385,7 +387,8 @@ def _trial(
             note=f"; stopped: child RSS passed {format_bytes(rss_limit_bytes)}",
         )
     if reply.get("oom"):
-        return GridTrial(batch_size, length, None, fits=False, note=f"; {_oom_summary(str(reply.get('error')))}", **common)
+        note = f"; {_oom_summary(str(reply.get('error')))}"
+        return GridTrial(batch_size, length, None, fits=False, note=note, **common)
     if reply.get("died"):
         code = reply.get("returncode")
         if code is not None and code < 0:
@@ -550,9 +553,15 @@ class SizeAwareProber:
         """Run one more real trial at a planned bucket's batch and length; it joins the fit."""
         start = time.perf_counter()
         if self._pool is None:
-            _, _, self._pool = _data_lengths(self.prober, probe.sequence_columns or self.sequence_columns, self.length_fn)
+            columns = probe.sequence_columns or self.sequence_columns
+            _, _, self._pool = _data_lengths(self.prober, columns, self.length_fn)
         trial = _trial(
-            self.prober, self._pool, batch_size, length, frozenset(probe.variable_leaves), rss_limit_bytes=rss_limit_bytes
+            self.prober,
+            self._pool,
+            batch_size,
+            length,
+            frozenset(probe.variable_leaves),
+            rss_limit_bytes=rss_limit_bytes,
         )
         updated = probe.with_trial(trial)
         return dataclasses.replace(updated, wall_seconds=probe.wall_seconds + time.perf_counter() - start)

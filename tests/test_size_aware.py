@@ -433,3 +433,18 @@ def test_cli_size_aware_without_a_model_exits_1(shard_dirs, capsys):
     code = main(["probe", str(shard_dirs / "parquet"), "--target", "label", "--size-aware"])
     assert code == 1
     assert "ConfigError" in capsys.readouterr().err
+
+
+def test_make_size_aware_feed_streams_or_loads_shards_and_refuses_unknown_data(shard_dirs):
+    from autobatch.feeds.size_aware import SizeAwareFeed, SizeAwareShardFeed, make_size_aware_feed
+
+    options = dict(boundaries=[32, 128], batch_sizes=[64, 16], preprocess=canonical.preprocess)
+    streamed = make_size_aware_feed(str(shard_dirs / "csv"), "label", strategy="stream", **options)
+    loaded = make_size_aware_feed(str(shard_dirs / "parquet"), "label", strategy="in_memory", **options)
+    assert isinstance(streamed, SizeAwareShardFeed) and isinstance(loaded, SizeAwareFeed)
+    assert len(streamed) == len(loaded)  # the same rows, the same buckets: the same number of batches
+    train, val = make_size_aware_feed(str(shard_dirs / "parquet"), "label", validation_split=0.2, **options)
+    assert train.n_samples + val.n_samples == loaded.n_samples
+    with pytest.raises(DataError) as excinfo:
+        make_size_aware_feed(42, **options)
+    assert "Unrecognized data type" in str(excinfo.value)

@@ -38,13 +38,22 @@ import numpy as np
 import pandas as pd
 
 from autobatch._data import ShardSource, read_shard
-from autobatch._lengths import LengthFn, accepts_maxlen, fit_length, resolve_sequence_columns, sample_lengths, shard_lengths
+from autobatch._lengths import (
+    LengthFn,
+    accepts_maxlen,
+    fit_length,
+    resolve_sequence_columns,
+    sample_lengths,
+    shard_lengths,
+)
 from autobatch.errors import ConfigError, DataError
 from autobatch.feeds.base import BaseFeed, RawBatch, check_fraction
 from autobatch.feeds.in_memory import InMemoryFeed
 from autobatch.feeds.shards import ShardIndex, _concat
 
 logger = logging.getLogger(__name__)
+
+NO_DROP_REMAINDER = "a size-aware feed serves every sample once per epoch: drop_remainder=True is not supported."
 
 
 def _check_buckets(boundaries: Sequence[int], batch_sizes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -54,7 +63,8 @@ def _check_buckets(boundaries: Sequence[int], batch_sizes: Sequence[int]) -> tup
         raise ConfigError(f"`boundaries` must be strictly increasing positive ints. Received: {list(boundaries)}")
     if sizes.shape != bounds.shape or (sizes < 1).any():
         raise ConfigError(
-            f"`batch_sizes` must hold one positive batch size per boundary ({len(bounds)}). Received: {list(batch_sizes)}"
+            f"`batch_sizes` must hold one positive batch size per boundary ({len(bounds)}). "
+            f"Received: {list(batch_sizes)}"
         )
     return bounds, sizes
 
@@ -177,7 +187,7 @@ class SizeAwareFeed(InMemoryFeed):
     ) -> None:
         bounds, sizes = _check_buckets(boundaries, batch_sizes)
         if options.pop("drop_remainder", False):
-            raise ConfigError("a size-aware feed serves every sample once per epoch: drop_remainder=True is not supported.")
+            raise ConfigError(NO_DROP_REMAINDER)
         options.pop("batch_size", None)
         options.pop("max_batch_bytes", None)  # the probe's worst case is per fixed batch, not per bucket
         super().__init__(x, y, batch_size=int(sizes.max()), **options)
@@ -186,7 +196,8 @@ class SizeAwareFeed(InMemoryFeed):
             lengths = sample_lengths(self.data.x, sequence_columns=columns or None, length_fn=length_fn)
         lengths = np.asarray(lengths, dtype=np.int64)
         if lengths.shape != (self.data.n_samples,):
-            raise ConfigError(f"`lengths` must hold one length per row ({self.data.n_samples}). Received: {lengths.shape}")
+            n = self.data.n_samples
+            raise ConfigError(f"`lengths` must hold one length per row ({n}). Received: shape {lengths.shape}")
         self.lengths = lengths
         self.sequence_columns = columns
         self._bucket_of, self.boundaries, self.batch_sizes = assign_buckets(lengths, bounds, sizes)
@@ -334,7 +345,7 @@ class SizeAwareShardFeed(BaseFeed):
     ) -> None:
         bounds, sizes = _check_buckets(boundaries, batch_sizes)
         if options.pop("drop_remainder", False):
-            raise ConfigError("a size-aware feed serves every sample once per epoch: drop_remainder=True is not supported.")
+            raise ConfigError(NO_DROP_REMAINDER)
         options.pop("batch_size", None)
         options.pop("max_batch_bytes", None)
         super().__init__(batch_size=int(sizes.max()), **options)
@@ -530,7 +541,8 @@ class SizeAwareShardFeed(BaseFeed):
             if self._state.get("next", 0) != index and index != 0:
                 x, y, w = self._direct(plan, slots, rows)
             else:
-                x, y, w = self._sequential(plan, index, slots, rows, last_piece=hi == start + len(plan.batches[index][2]))
+                last = hi == start + len(plan.batches[index][2])
+                x, y, w = self._sequential(plan, index, slots, rows, last_piece=last)
         names = ", ".join(repr(str(self.shards[int(plan.files[s])].path)) for s in np.unique(slots))
 
         def origin(p: int) -> str:
@@ -606,7 +618,9 @@ class SizeAwareShardFeed(BaseFeed):
 
     # ------------------------------------------------------------------ splitting
 
-    def split(self, validation_split: float, *, seed: int | None = None) -> tuple[SizeAwareShardFeed, SizeAwareShardFeed]:
+    def split(
+        self, validation_split: float, *, seed: int | None = None
+    ) -> tuple[SizeAwareShardFeed, SizeAwareShardFeed]:
         """Hold out whole shards, about ``validation_split`` of the rows, as a validation feed (never shuffled)."""
         fraction = check_fraction(validation_split)
         n_files = len(self.shards)
