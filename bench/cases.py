@@ -160,22 +160,42 @@ class Context:
 
     def sized_runs(self) -> dict[str, dict[str, Any]]:
         """``autobatch.fit`` fixed and size-aware on the real lengths, size-aware on the canonical frame, side by side."""
-        keys = [("real", "size-aware")]
-        if self.sizes.sized_all_runs:
-            keys += [("real", "fixed"), ("canonical", "size-aware")]
-        futures = {f"{w} {b}": self._sized_future(w, b) for w, b in keys}
+        if not self.sizes.sized_probed:
+            return {f"{w} {b}": _unprobed_plan(w, b, self.sizes) for w, b in keys_of_sized_runs()}
+        futures = {f"{w} {b}": self._sized_future(w, b) for w, b in keys_of_sized_runs()}
         return {key: future.result() for key, future in futures.items()}
 
     def prefetch(self, names: list[str]) -> None:
         """Start the child runs ``names`` will need now, to overlap with the rest (for ``--quick``)."""
-        if "sizeaware" in names:
-            self._sized_future("real", "size-aware")
         if {"feed", "tutorial", "planning", "probe"} & set(names):
             for size in self.sizes.sizes:
                 self._planned_future(size, 0.1)
         if "memory" in names:
             for count in (self.sizes.shards_1x, self.sizes.shards_10x):
                 self._stream_future(count)
+
+
+def keys_of_sized_runs() -> list[tuple[str, str]]:
+    return [("real", "fixed"), ("real", "size-aware"), ("canonical", "size-aware")]
+
+
+def _unprobed_plan(which: str, batching: str, sizes: workload.Sizes) -> dict[str, Any]:
+    """``--quick``: buckets from the lengths and 8,192 padded positions per batch, no probe and no memory run."""
+    from autobatch.plan import bucket_boundaries
+
+    x, _ = workload.real_length_frame(sizes.sized_rows) if which == "real" else workload.frame(sizes.small_rows)
+    lengths = x.apply(lambda row: max(len(v) for v in row), axis=1).to_numpy()
+    boundaries = list(bucket_boundaries(lengths, 8))
+    batch_sizes = [max(8192 // b, 1) for b in boundaries]
+    return {
+        "batch_size": max(8192 // int(lengths.max()), 1),
+        "boundaries": boundaries,
+        "batch_sizes": batch_sizes,
+        "fixed_batch_size": max(8192 // int(lengths.max()), 1),
+        "expected_speedup": 1.0,
+        "steps_per_epoch": sum(math.ceil(int((np.searchsorted(boundaries, lengths) == k).sum()) / b)
+                               for k, b in enumerate(batch_sizes)),
+    }
 
 
 # --------------------------------------------------------------------------- helpers
@@ -634,9 +654,7 @@ def size_aware(ctx: Context) -> list[Row]:
     s = ctx.sizes
     limit = parse_bytes(s.ram_limit)
     runs = ctx.sized_runs()
-    sized = runs["real size-aware"]
-    # --quick: no fixed run; its batch is the size-aware plan's own prediction (a smoke run, the ratios mean nothing).
-    fixed = runs.get("real fixed", {"batch_size": sized["fixed_batch_size"]})
+    sized, fixed = runs["real size-aware"], runs["real fixed"]
     x, y = workload.real_length_frame(s.sized_rows)
     n = len(x)
     ctx.log(
@@ -708,7 +726,7 @@ def size_aware(ctx: Context) -> list[Row]:
                 f"{(sized['held_out_error_above_baseline'] or 0):+.1%} of what it added above the runtime",
             )
         )
-    rows += _size_aware_vs_tutorial(ctx, runs.get("canonical size-aware", sized))
+    rows += _size_aware_vs_tutorial(ctx, runs["canonical size-aware"])
     return rows
 
 

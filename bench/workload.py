@@ -78,9 +78,9 @@ class Sizes:
     """Rows of the real-length workload of the size-aware benchmark (``None``: all ~7,000)."""
     sized_grid: tuple[int, ...] = (16, 64)
     """Batch sizes of the size-aware probe's grid."""
-    sized_all_runs: bool = True
-    """Run the fixed plan and the canonical size-aware plan too (``--quick`` runs only the real-length size-aware
-    one, takes the fixed batch from its prediction and reuses its buckets on the canonical frame)."""
+    sized_probed: bool = True
+    """Plan both batchings with ``autobatch.fit`` in child processes (``--quick`` instead takes buckets from the
+    length distribution with a fixed budget of padded positions per batch: a smoke run of the timing code only)."""
 
 
 FULL = Sizes(
@@ -111,7 +111,7 @@ QUICK = Sizes(
     max_bisect_runs=1,
     sized_rows=300,
     sized_grid=(4, 8),
-    sized_all_runs=False,
+    sized_probed=False,
 )
 
 

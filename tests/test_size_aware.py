@@ -448,3 +448,20 @@ def test_make_size_aware_feed_streams_or_loads_shards_and_refuses_unknown_data(s
     with pytest.raises(DataError) as excinfo:
         make_size_aware_feed(42, **options)
     assert "Unrecognized data type" in str(excinfo.value)
+
+
+def test_a_preprocess_without_a_padded_axis_or_a_missing_model_is_refused_before_any_trial():
+    from types import SimpleNamespace
+
+    from autobatch.size_probe import SizeAwareProber
+
+    result = _sized(heavy_lengths(100), LINEAR).probe
+    fixed_shapes = dataclasses.replace(result, output_signature=(TensorSpec("x/seq", "float32", (None, 64, 1)),))
+    with pytest.raises(ConfigError) as excinfo:
+        SizeAwareProber(SimpleNamespace(_model="model.keras")).measure(fixed_shapes)
+    assert "padded axis" in str(excinfo.value) and "batching='fixed'" in str(excinfo.value)
+    with pytest.raises(ConfigError) as excinfo:
+        SizeAwareProber(SimpleNamespace(_model=None)).measure(result)
+    assert "pass `model=`" in str(excinfo.value)
+    with pytest.raises(ConfigError):
+        SizeAwareProber(SimpleNamespace(_model=None), grid_batch_sizes=(0, 4))
