@@ -151,6 +151,7 @@ class Context:
             "job": "sized",
             "workload": which,
             "rows": s.sized_rows if which == "real" else s.small_rows,
+            "files": s.sized_files,
             "batching": batching,
             "grid": list(s.sized_grid),
             "epochs": 1,
@@ -183,7 +184,7 @@ def _unprobed_plan(which: str, batching: str, sizes: workload.Sizes) -> dict[str
     """``--quick``: buckets from the lengths and 8,192 padded positions per batch, no probe and no memory run."""
     from autobatch.plan import bucket_boundaries
 
-    x, _ = workload.real_length_frame(sizes.sized_rows) if which == "real" else workload.frame(sizes.small_rows)
+    x, _ = workload.real_length_frame(sizes.sized_rows, files=sizes.sized_files) if which == "real" else workload.frame(sizes.small_rows)
     lengths = x.apply(lambda row: max(len(v) for v in row), axis=1).to_numpy()
     boundaries = list(bucket_boundaries(lengths, 8))
     batch_sizes = [max(8192 // b, 1) for b in boundaries]
@@ -655,7 +656,7 @@ def size_aware(ctx: Context) -> list[Row]:
     limit = parse_bytes(s.ram_limit)
     runs = ctx.sized_runs()
     sized, fixed = runs["real size-aware"], runs["real fixed"]
-    x, y = workload.real_length_frame(s.sized_rows)
+    x, y = workload.real_length_frame(s.sized_rows, files=s.sized_files)
     n = len(x)
     ctx.log(
         f"size-aware: {n} real lengths, fixed batch {fixed['batch_size']} vs buckets {sized['boundaries']} at "

@@ -128,7 +128,7 @@ def sized_job(job: dict[str, Any]) -> dict[str, Any]:
     import autobatch
 
     if job["workload"] == "real":
-        x, y = workload.real_length_frame(job.get("rows"))
+        x, y = workload.real_length_frame(job.get("rows"), files=job.get("files"))
         model, preprocess = workload.build_model("wide"), workload.preprocess_seq
     else:
         x, y = workload.frame(job["rows"])

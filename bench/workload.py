@@ -78,6 +78,8 @@ class Sizes:
     """Rows of the real-length workload of the size-aware benchmark (``None``: all ~7,000)."""
     sized_grid: tuple[int, ...] = (16, 64)
     """Batch sizes of the size-aware probe's grid."""
+    sized_files: int | None = None
+    """Standard-library modules whose functions give the real lengths (``None``: all)."""
     sized_probed: bool = True
     """Plan both batchings with ``autobatch.fit`` in child processes (``--quick`` instead takes buckets from the
     length distribution with a fixed budget of padded positions per batch: a smoke run of the timing code only)."""
@@ -112,6 +114,7 @@ QUICK = Sizes(
     sized_rows=300,
     sized_grid=(4, 8),
     sized_probed=False,
+    sized_files=25,
 )
 
 
@@ -134,25 +137,27 @@ def stream_shards(fmt: str, *, rows_per_shard: int, shards: int) -> list[Path]:
     return [folder / f"{i}.{fmt}" for i in range(shards)]
 
 
-def real_lengths() -> np.ndarray:
+def real_lengths(files: int | None = None) -> np.ndarray:
     """A real, heavy-tailed length distribution: the tokens of each function in CPython's standard library.
 
     Every ``def`` in the top-level modules of this interpreter's ``Lib/`` (methods and
     nested functions included), counted in Python tokens (no comments, newlines or
     indentation): 7,025 lengths, median 36, p99 466, longest 1,286 for
-    Python 3.11. Cached under ``DATA_DIR`` per Python version.
+    Python 3.11. Cached under ``DATA_DIR`` per Python version. ``files`` reads only the first
+    that many modules (``--quick``).
     """
     import ast
     import io
     import sysconfig
     import tokenize
 
-    cache = DATA_DIR / f"stdlib-function-tokens-{sys.version_info[0]}.{sys.version_info[1]}.npy"
+    part = "" if files is None else f"-{files}-files"
+    cache = DATA_DIR / f"stdlib-function-tokens-{sys.version_info[0]}.{sys.version_info[1]}{part}.npy"
     if cache.exists():
         return np.load(cache)
     skip = {tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
     lengths: list[int] = []
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:files]:
         try:
             text = path.read_text(encoding="utf-8")
             tree = ast.parse(text)
@@ -172,12 +177,15 @@ def real_lengths() -> np.ndarray:
     return array
 
 
-def real_length_frame(rows: int | None = None, *, seed: int = 0) -> tuple[pd.DataFrame, pd.Series]:
+def real_length_frame(
+    rows: int | None = None, *, seed: int = 0, files: int | None = None
+) -> tuple[pd.DataFrame, pd.Series]:
     """One float sequence per standard-library function, as long as the function (in tokens), and a binary label.
 
-    ``rows`` draws that many lengths at random (all of them, shuffled, when ``None``).
+    ``rows`` draws that many lengths at random (all of them, shuffled, when ``None``); ``files`` as for
+    :func:`real_lengths`.
     """
-    lengths = real_lengths()
+    lengths = real_lengths(files)
     rng = np.random.default_rng(seed)
     chosen = rng.permutation(len(lengths)) if rows is None else rng.choice(len(lengths), size=rows, replace=False)
     seqs = [rng.standard_normal(int(k)).astype(np.float32) for k in lengths[chosen]]
