@@ -123,7 +123,8 @@ class _BucketPadding:
         self.variable = frozenset(variable) if variable else None
         self.sequence_columns = tuple(sequence_columns)
 
-    def leaves(self, inputs: Any) -> frozenset[str]:
+    def leaves(self) -> frozenset[str]:
+        """The arrays to pad: the probe's varying ones, else those named like a sequence column."""
         if self.variable is not None:
             return self.variable
         names = set(self.sequence_columns)
@@ -139,7 +140,7 @@ class _BucketPadding:
         if not isinstance(result, tuple) or len(result) != 2:
             return result  # the base names what is wrong
         inputs, targets = result
-        variable = self.leaves(inputs)
+        variable = self.leaves()
         return (
             fit_length(inputs, raw.pad_to, variable, "x", cut=False),
             fit_length(targets, raw.pad_to, variable, "y", cut=False),
