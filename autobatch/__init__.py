@@ -9,7 +9,7 @@ from typing import Any
 from autobatch._distribute import ClusterSummary, Distribution, ReplicaLimit, WorkerMemory
 from autobatch._memory import Budget
 from autobatch._units import format_bytes, parse_bytes
-from autobatch.api import fit, plan
+from autobatch.api import fit, plan, plan_size_aware
 from autobatch.errors import (
     AutobatchError,
     BudgetError,
@@ -20,8 +20,9 @@ from autobatch.errors import (
     ProbeError,
 )
 from autobatch.padding import bucket_length, count_truncations, pad_columns, pad_sequences_batch
-from autobatch.plan import BudgetUse, Plan, make_plan
+from autobatch.plan import Bucket, BucketPlan, BudgetUse, Plan, make_bucket_plan, make_plan
 from autobatch.probe import ProbeResult, StepTrial, TensorSpec, probe
+from autobatch.size_probe import GridTrial, LengthMemoryModel, SizeAwareProbe
 
 __version__ = "0.1.0"
 
@@ -40,7 +41,10 @@ _LAZY = {
     "MonitorSummary": "autobatch.monitor",
     "ShardFeed": "autobatch.feeds",
     "distribute_feed": "autobatch.feeds.distributed",
+    "SizeAwareFeed": "autobatch.feeds.size_aware",
+    "SizeAwareShardFeed": "autobatch.feeds.size_aware",
     "make_feed": "autobatch.feeds",
+    "make_size_aware_feed": "autobatch.feeds.size_aware",
 }
 
 
@@ -54,6 +58,8 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AutobatchError",
     "BaseFeed",
+    "Bucket",
+    "BucketPlan",
     "Budget",
     "BudgetError",
     "BudgetUse",
@@ -63,7 +69,9 @@ __all__ = [
     "DistributedFeed",
     "Distribution",
     "FeedStats",
+    "GridTrial",
     "InMemoryFeed",
+    "LengthMemoryModel",
     "MemoryMonitor",
     "MemoryReading",
     "ModelError",
@@ -74,6 +82,9 @@ __all__ = [
     "ProbeResult",
     "ReplicaLimit",
     "ShardFeed",
+    "SizeAwareFeed",
+    "SizeAwareProbe",
+    "SizeAwareShardFeed",
     "StepTrial",
     "TensorSpec",
     "WorkerMemory",
@@ -82,11 +93,14 @@ __all__ = [
     "distribute_feed",
     "fit",
     "format_bytes",
+    "make_bucket_plan",
     "make_feed",
     "make_plan",
+    "make_size_aware_feed",
     "pad_columns",
     "pad_sequences_batch",
     "parse_bytes",
     "plan",
+    "plan_size_aware",
     "probe",
 ]

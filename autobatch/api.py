@@ -112,7 +112,8 @@ def plan(
         ram_limit: peak host RAM the training process may use (e.g. ``"8GiB"``);
             default: free RAM capped by the cgroup limit.
         gpu_limit: device memory one replica may use; default: free GPU memory.
-        safety: fraction of each budget kept free.
+        safety: margin kept free on top of the predicted growth: ``safety`` × what grows with
+            the batch and what is estimated rather than measured (see :func:`make_plan`).
         max_batch_size: never plan a larger batch.
         multiple_of: round the batch size down to a multiple of this.
         target_batch_size: the batch the optimisation should see; kept by gradient
@@ -324,6 +325,8 @@ def fit(
     cache: bool = True,
     verbose: int | str = 0,
     strategy: Any = None,
+    batching: Literal["fixed", "size-aware"] = "fixed",
+    size_aware_options: Mapping[str, Any] | None = None,
     **fit_kwargs: Any,
 ) -> Any:
     """Probe, plan, feed and train in one call: ``model.fit`` at the largest batch that fits.
@@ -343,7 +346,8 @@ def fit(
         validation_split: hold out this fraction (rows in memory, whole shards when streaming).
         ram_limit: peak host RAM the training process may use; default free RAM, cgroup-capped.
         gpu_limit: device memory one replica may use; default free GPU memory.
-        safety: fraction of each budget kept free.
+        safety: margin kept free on top of the predicted growth: ``safety`` × what grows with
+            the batch and what is estimated rather than measured (see :func:`make_plan`).
         max_batch_size: never train on larger batches.
         target_batch_size: the batch size the optimisation should see; kept by gradient
             accumulation when it does not fit (never silently smaller).
@@ -373,6 +377,12 @@ def fit(
             per epoch across workers) and monitors its own memory; the chief prints every
             worker's summary, also returned as ``history.autobatch_workers``. Every worker
             runs the same ``autobatch.fit`` call.
+        batching: ``"fixed"`` (one batch size) or ``"size-aware"``: samples grouped in length
+            buckets, each with its own batch size under the same budget and padded to its
+            bucket's boundary (see :func:`plan_size_aware`); needs sequence columns in the data.
+        size_aware_options: more keyword arguments for :func:`plan_size_aware` (``buckets``,
+            ``sequence_columns``, ``length_fn``, ``grid_batch_sizes`` ...); the feed gets
+            ``sequence_columns``/``length_fn`` too.
         **fit_kwargs: passed to ``model.fit``.
 
     Returns:
@@ -409,28 +419,51 @@ def fit(
     if active is not None:
         _check_distributed(model, active, adaptive=adaptive)
     console = console or RichConsole()
-    chosen = plan(
-        x,
-        y,
-        preprocess=preprocess,
-        model=model,
-        ram_limit=ram_limit,
-        gpu_limit=gpu_limit,
-        safety=safety,
-        max_batch_size=max_batch_size,
-        target_batch_size=target_batch_size,
-        cache=cache,
-        strategy=active,
-    )
+    feed_options: dict[str, Any] = {}
+    if batching == "size-aware":
+        if active is not None:
+            raise ConfigError(
+                "batching='size-aware' is not supported under tf.distribute yet: replicas would step through "
+                "buckets of different batch sizes out of step. Use batching='fixed' with a strategy."
+            )
+        sized_options = dict(size_aware_options or {})
+        if target_batch_size is not None:
+            raise ConfigError("target_batch_size keeps one batch size by gradient accumulation; use batching='fixed'.")
+        feed_options = {k: sized_options[k] for k in ("sequence_columns", "length_fn") if k in sized_options}
+        chosen = plan_size_aware(
+            x, y, preprocess=preprocess, model=model, ram_limit=ram_limit, gpu_limit=gpu_limit, safety=safety,
+            max_batch_size=max_batch_size, **sized_options,
+        )
+    elif batching == "fixed":
+        if size_aware_options:
+            warnings.warn("size_aware_options only apply with batching='size-aware'; ignoring them.", stacklevel=2)
+        chosen = plan(
+            x,
+            y,
+            preprocess=preprocess,
+            model=model,
+            ram_limit=ram_limit,
+            gpu_limit=gpu_limit,
+            safety=safety,
+            max_batch_size=max_batch_size,
+            target_batch_size=target_batch_size,
+            cache=cache,
+            strategy=active,
+        )
+    else:
+        raise ConfigError(f'`batching` must be "fixed" or "size-aware". Received: batching={batching!r}')
     console.print(chosen)
     feeds = chosen.feed(
-        x, y, preprocess=preprocess, shuffle=shuffle, seed=seed, validation_split=validation_split, nan_policy=nan_policy
+        x, y, preprocess=preprocess, shuffle=shuffle, seed=seed, validation_split=validation_split, nan_policy=nan_policy,
+        **feed_options,
     )
     train, validation = feeds if isinstance(feeds, tuple) else (feeds, None)
     if fit_kwargs.get("initial_epoch"):
         train.set_epoch(int(fit_kwargs["initial_epoch"]))  # a resumed run sees the orders the whole run would have
     if isinstance(validation_data, tuple) and len(validation_data) == 2:
-        validation = chosen.feed(*validation_data, preprocess=preprocess, shuffle=False, nan_policy=nan_policy)
+        validation = chosen.feed(
+            *validation_data, preprocess=preprocess, shuffle=False, nan_policy=nan_policy, **feed_options
+        )
     elif validation_data is not None:
         validation = validation_data
     if chosen.gradient_accumulation_steps > 1:
@@ -510,3 +543,114 @@ def _check_distributed(model: Any, strategy: Any, *, adaptive: bool) -> None:
             f"model {getattr(model, 'name', model)!r} was not built under the strategy autobatch.fit trains with "
             f"({type(strategy).__name__}). Build and compile it inside `with strategy.scope():`."
         )
+
+
+MAX_BUCKET_CONFIRMATIONS = 3
+
+
+def plan_size_aware(
+    x: Any,
+    y: Any = None,
+    *,
+    preprocess: Preprocess | str | None = None,
+    model: Any = None,
+    ram_limit: int | str | None = None,
+    gpu_limit: int | str | None = None,
+    safety: float = 0.1,
+    max_batch_size: int | None = None,
+    buckets: int | Sequence[int] = 8,
+    sequence_columns: Sequence[str] | None = None,
+    length_fn: Any = None,
+    grid_batch_sizes: Sequence[int] | None = None,
+    grid_lengths: Sequence[int] | None = None,
+    queue_batches: int = 2,
+    confirm: bool = True,
+    in_process: bool = True,
+    **probe_options: Any,
+) -> Any:
+    """Plan size-aware batching: one batch size per length bucket, each bucket's predicted peak within the budget.
+
+    Probes as :func:`plan` does, then runs a grid of real training trials over batch
+    sizes × padded lengths in the child process, fits memory as
+    ``a + p·batch·length (+ c·batch·length²)``, picks length buckets from the
+    data's length distribution (or ``buckets=[...]`` boundaries) and the largest
+    safe batch per bucket, and confirms the most demanding bucket with one more
+    real trial (stepping down when it does not fit). Not cached: the grid runs each time.
+
+    Args:
+        x, y, preprocess, model, ram_limit, gpu_limit, safety, max_batch_size, queue_batches,
+            in_process: as for :func:`plan`.
+        buckets: how many length buckets to choose, or their boundaries (inclusive upper lengths).
+        sequence_columns: the columns whose longest sequence is a sample's length; default: the
+            columns holding sequences (lists, arrays, or strings of numbers).
+        length_fn: ``length_fn(batch_x) -> lengths`` instead of ``sequence_columns``.
+        grid_batch_sizes: batch sizes of the grid's trials (default 16 and 64).
+        grid_lengths: padded lengths of the grid's trials (default ¼, ½ and all of the longest).
+        confirm: run the confirming trial at the most demanding bucket.
+        **probe_options: passed to :class:`autobatch.probe.Prober` (``steps``, ``seed``, ``timeout_s`` ...).
+
+    Returns:
+        The :class:`~autobatch.plan.BucketPlan`; ``plan.sized`` is the grid and its fitted model.
+
+    Raises:
+        AutobatchError: a subclass saying what is wrong with the data, the preprocessing,
+            the model or the budget (``ConfigError`` without a model or without a padded axis).
+
+    Example:
+        >>> p = autobatch.plan_size_aware(df, "label", preprocess=pad, model=model, ram_limit="4GiB")
+        >>> print(p)   # bucket range → padded length → batch size → predicted peak
+    """
+    from autobatch.plan import make_bucket_plan
+    from autobatch.size_probe import SizeAwareProber
+
+    if model is None:
+        raise ConfigError("size-aware planning fits memory against real training steps: pass `model=`.")
+    budgets = [host_budget(ram_limit)]
+    gpu = gpu_budget(gpu_limit)
+    if gpu is not None:
+        budgets.append(gpu)
+    options: dict[str, Any] = dict(
+        buckets=buckets, safety=safety, max_batch_size=max_batch_size, queue_batches=queue_batches
+    )
+    # The grid replaces the fixed-batch trials: one small trial gives the runtime's baseline and the signature.
+    probe_options.setdefault("trial_batch_sizes", (4,))
+    with Prober(x, y, preprocess=preprocess, model=model, **probe_options) as prober:
+        grid = SizeAwareProber(
+            prober,
+            sequence_columns=sequence_columns,
+            length_fn=length_fn,
+            grid_batch_sizes=grid_batch_sizes,
+            grid_lengths=grid_lengths,
+        )
+        result = prober.measure()
+        if in_process and result.baseline_rss_bytes is not None:
+            held = result.raw_bytes if result.source == "in_memory" else 0
+            options["process_extra_bytes"] = max(rss_bytes() - result.baseline_rss_bytes - held, 0)
+        # A grid trial may not take more than the whole budget: past it, it counts as "does not fit".
+        sized = grid.measure(result, rss_limit_bytes=budgets[0].limit_bytes)
+        chosen = make_bucket_plan(sized, budgets, **options)
+        for _ in range(MAX_BUCKET_CONFIRMATIONS if confirm else 0):
+            bucket = _bucket_to_confirm(chosen)
+            host = chosen.budget("host")
+            if bucket is None or host is None:
+                break
+            extras = sum(v for name, v in host.components if name != "train step")
+            logger.info("confirming bucket %d-%d at batch %d by a real trial", bucket.lo, bucket.hi, bucket.batch_size)
+            limit = max(host.usable_bytes - extras, 1)
+            sized = grid.confirm(sized, bucket.batch_size, bucket.hi, rss_limit_bytes=limit)
+            chosen = make_bucket_plan(sized, budgets, **options)
+        return chosen
+
+
+def _bucket_to_confirm(chosen: Any) -> Any:
+    """The bucket a real trial should check next: the most demanding one, then one extrapolated far in tokens."""
+    measured = {(t.batch_size, t.length) for t in chosen.sized.grid if t.peak_rss_bytes is not None}
+    if not chosen.confirmed:
+        demanding = max(chosen.buckets, key=lambda b: (b.predicted_peak_bytes, b.batch_size * b.hi))
+        if (demanding.batch_size, demanding.hi) not in measured:
+            return demanding
+    fitted = max((t.tokens for t in chosen.sized.grid if t.fits and t.peak_rss_bytes), default=0)
+    widest = max(chosen.buckets, key=lambda b: b.batch_size * b.hi)
+    if widest.batch_size * widest.hi > 1.5 * fitted and (widest.batch_size, widest.hi) not in measured:
+        return widest
+    return None

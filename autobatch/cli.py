@@ -40,6 +40,17 @@ def _sizes(text: str) -> tuple[int, ...]:
     return tuple(_positive_int(part) for part in text.split(",") if part.strip())
 
 
+def _buckets(text: str) -> int | tuple[int, ...]:
+    parts = _sizes(text)
+    if not parts:
+        raise argparse.ArgumentTypeError(f"expected a bucket count or boundaries such as 64,256,1024, got {text!r}")
+    return parts[0] if "," not in text else parts
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autobatch", description="Measure the memory of Keras training and plan a batch size that fits."
@@ -60,13 +71,27 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--model", help="a .keras file, or module:function returning a compiled model")
     probe.add_argument("--ram-limit", help="peak host RAM for training, e.g. 8GiB (default: free RAM, cgroup-capped)")
     probe.add_argument("--gpu-limit", help="device memory per replica, e.g. 16GiB (default: free GPU memory)")
-    probe.add_argument("--safety", type=_fraction, default=0.1, help="fraction of each budget kept free (default 0.1)")
+    probe.add_argument("--safety", type=_fraction, default=0.1, help="margin on the predicted growth of memory with the batch (default 0.1: 10%%)")
     probe.add_argument("--max-batch-size", type=_positive_int)
     probe.add_argument("--multiple-of", type=_positive_int, help="round the batch size down to a multiple of N")
     probe.add_argument("--sample-batch-size", type=_positive_int, default=32)
     probe.add_argument("--trial-batch-sizes", type=_sizes, help="comma-separated batch sizes of the real trials")
     probe.add_argument("--no-confirm", action="store_true", help="skip the confirming trial at the planned size")
     probe.add_argument("--no-cache", action="store_true", help="measure again even if a cached probe matches")
+    probe.add_argument(
+        "--size-aware",
+        action="store_true",
+        help="plan one batch size per length bucket (a grid of trials over batch × padded length; needs --model)",
+    )
+    probe.add_argument(
+        "--buckets",
+        type=_buckets,
+        default=8,
+        help="with --size-aware: the number of length buckets (default 8) or comma-separated boundaries, e.g. 64,256,1024",
+    )
+    probe.add_argument(
+        "--sequence-columns", type=_names, help="with --size-aware: the sequence columns (default: detected)"
+    )
     probe.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     probe.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     report = commands.add_parser(
@@ -113,6 +138,8 @@ def main(argv: Sequence[str] | None = None, *, console: Console | None = None) -
     probe_options = {"sample_batch_size": args.sample_batch_size}
     if args.trial_batch_sizes:
         probe_options["trial_batch_sizes"] = args.trial_batch_sizes
+    if args.size_aware:
+        return _exit(_size_aware(args, target, probe_options, console), argv)
     try:
         result = plan(
             args.data,
@@ -141,6 +168,43 @@ def main(argv: Sequence[str] | None = None, *, console: Console | None = None) -
         console.print(result.probe)
         console.print(result)
     return _exit(0, argv)
+
+
+def _size_aware(args: argparse.Namespace, target: object, probe_options: dict[str, object], console: Console) -> int:
+    from autobatch.api import plan_size_aware
+
+    options = dict(probe_options)
+    options.pop("trial_batch_sizes", None)
+    if args.trial_batch_sizes:
+        options["grid_batch_sizes"] = args.trial_batch_sizes
+    try:
+        result = plan_size_aware(
+            args.data,
+            target,
+            preprocess=args.preprocess,
+            model=args.model,
+            ram_limit=args.ram_limit,
+            gpu_limit=args.gpu_limit,
+            safety=args.safety,
+            max_batch_size=args.max_batch_size,
+            buckets=args.buckets,
+            sequence_columns=args.sequence_columns,
+            confirm=not args.no_confirm,
+            in_process=False,
+            **options,
+        )
+    except AutobatchError as exc:
+        if args.debug:
+            raise
+        error = Text.assemble((type(exc).__name__, "bold red"), ": ", str(exc))
+        Console(stderr=True, soft_wrap=True).print(error, highlight=False)
+        return 1
+    if args.json:
+        print(json.dumps(result.to_dict()), file=console.file)
+    else:
+        console.print(result.sized)
+        console.print(result)
+    return 0
 
 
 def _exit(code: int, argv: Sequence[str] | None) -> int:

@@ -1,4 +1,4 @@
-"""The seven benchmarks of issue 6, each a function ``(Context) -> list[Row]``.
+"""The seven benchmarks of issue 6 and size-aware batching (issue 9), each a function ``(Context) -> list[Row]``.
 
 Timed comparisons train the same warmed model on the same samples, side by side
 (``measure.interleave``); memory comparisons run each configuration in a fresh
@@ -145,6 +145,27 @@ class Context:
         futures = {count: self._stream_future(count) for count in counts}
         return {count: future.result() for count, future in futures.items()}
 
+    def _sized_future(self, which: str, batching: str) -> concurrent.futures.Future[dict[str, Any]]:
+        s = self.sizes
+        job = {
+            "job": "sized",
+            "workload": which,
+            "rows": s.sized_rows if which == "real" else s.small_rows,
+            "files": s.sized_files,
+            "batching": batching,
+            "grid": list(s.sized_grid),
+            "epochs": 1,
+            "ram_limit": s.ram_limit,
+        }
+        return self._start(f"sized {which} {batching}", job, f"autobatch.fit(batching={batching!r}) on {which} lengths")
+
+    def sized_runs(self) -> dict[str, dict[str, Any]]:
+        """``autobatch.fit`` fixed and size-aware on the real lengths, size-aware on the canonical frame, side by side."""
+        if not self.sizes.sized_probed:
+            return {f"{w} {b}": _unprobed_plan(w, b, self.sizes) for w, b in keys_of_sized_runs()}
+        futures = {f"{w} {b}": self._sized_future(w, b) for w, b in keys_of_sized_runs()}
+        return {key: future.result() for key, future in futures.items()}
+
     def prefetch(self, names: list[str]) -> None:
         """Start the child runs ``names`` will need now, to overlap with the rest (for ``--quick``)."""
         if {"feed", "tutorial", "planning", "probe"} & set(names):
@@ -153,6 +174,29 @@ class Context:
         if "memory" in names:
             for count in (self.sizes.shards_1x, self.sizes.shards_10x):
                 self._stream_future(count)
+
+
+def keys_of_sized_runs() -> list[tuple[str, str]]:
+    return [("real", "fixed"), ("real", "size-aware"), ("canonical", "size-aware")]
+
+
+def _unprobed_plan(which: str, batching: str, sizes: workload.Sizes) -> dict[str, Any]:
+    """``--quick``: buckets from the lengths and 8,192 padded positions per batch, no probe and no memory run."""
+    from autobatch.plan import bucket_boundaries
+
+    x, _ = workload.real_length_frame(sizes.sized_rows, files=sizes.sized_files) if which == "real" else workload.frame(sizes.small_rows)
+    lengths = x.apply(lambda row: max(len(v) for v in row), axis=1).to_numpy()
+    boundaries = list(bucket_boundaries(lengths, 8))
+    batch_sizes = [max(8192 // b, 1) for b in boundaries]
+    return {
+        "batch_size": max(8192 // int(lengths.max()), 1),
+        "boundaries": boundaries,
+        "batch_sizes": batch_sizes,
+        "fixed_batch_size": max(8192 // int(lengths.max()), 1),
+        "expected_speedup": 1.0,
+        "steps_per_epoch": sum(math.ceil(int((np.searchsorted(boundaries, lengths) == k).sum()) / b)
+                               for k, b in enumerate(batch_sizes)),
+    }
 
 
 # --------------------------------------------------------------------------- helpers
@@ -594,6 +638,137 @@ def _padding_xla(ctx: Context, buckets: list[Any], name: dict[Any, str]) -> list
     return rows
 
 
+# --------------------------------------------------------------------------- 8. size-aware batching (issue 9)
+
+
+def size_aware(ctx: Context) -> list[Row]:
+    """Size-aware batching ÷ the largest safe fixed batch, samples/s on real lengths, and both peaks vs ``ram_limit``.
+
+    Both plans come from ``autobatch.fit`` runs in fresh processes under the same
+    ``ram_limit`` (their peak RSS is the memory result); the timed comparison trains
+    the same architecture on the two plans' feeds side by side, interleaved.
+    """
+    from autobatch._units import parse_bytes
+    from autobatch.feeds import make_feed
+    from autobatch.feeds.size_aware import SizeAwareFeed
+
+    s = ctx.sizes
+    limit = parse_bytes(s.ram_limit)
+    runs = ctx.sized_runs()
+    sized, fixed = runs["real size-aware"], runs["real fixed"]
+    x, y = workload.real_length_frame(s.sized_rows, files=s.sized_files)
+    n = len(x)
+    ctx.log(
+        f"size-aware: {n} real lengths, fixed batch {fixed['batch_size']} vs buckets {sized['boundaries']} at "
+        f"batches {sized['batch_sizes']}"
+    )
+    common = dict(preprocess=workload.preprocess_seq, output_signature=workload.SEQ_SIGNATURE, max_queue_size=2)
+    feeds = {
+        "fixed": make_feed(x, y, batch_size=fixed["batch_size"], **common),
+        "size-aware": SizeAwareFeed(x, y, boundaries=sized["boundaries"], batch_sizes=sized["batch_sizes"], **common),
+    }
+    models = {name: workload.build_model("wide") for name in feeds}
+    datasets = {name: feed.to_tf_dataset(workload.SEQ_SIGNATURE, prefetch=2) for name, feed in feeds.items()}
+    for name in feeds:  # warm-up: tracing (one trace per bucket shape for size-aware)
+        _fit_epoch(models[name], datasets[name])
+
+    def run(name: str) -> Callable[[], Run]:
+        return lambda: timed(n, lambda: _fit_epoch(models[name], datasets[name]))
+
+    results = interleave({name: run(name) for name in feeds}, s.reps)
+    result = ratio(results, "size-aware", "fixed")
+    lengths = x["seq"].map(len).to_numpy()
+    fixed_padded = _mean_padded_length(lengths[np.random.default_rng(0).permutation(n)][:, None], fixed["batch_size"])
+    bounds = np.asarray(sized["boundaries"])
+    sized_padded = float(bounds[np.minimum(np.searchsorted(bounds, lengths), len(bounds) - 1)].mean())
+    rows = [
+        Row(
+            "sizeaware",
+            f"size-aware ÷ largest safe fixed batch ({fixed['batch_size']}), samples/s, {n:,} real lengths "
+            f"(stdlib function tokens), ram_limit={s.ram_limit}",
+            result.value,
+            target=Target(2.0),
+            detail=result.describe("size-aware", "fixed")
+            + f"; {len(bounds)} buckets {sized['boundaries']} at batches {sized['batch_sizes']} "
+            f"({sized['steps_per_epoch']} vs {math.ceil(n / fixed['batch_size'])} steps/epoch); mean padded length "
+            f"{sized_padded:.0f} vs {fixed_padded:.0f} (mean length {lengths.mean():.0f}, longest {lengths.max()})",
+        ),
+        Row(
+            "sizeaware",
+            "the plan's expected speedup ÷ the measured one",
+            sized["expected_speedup"] / result.value,
+            detail=f"expected {sized['expected_speedup']:.2f}× (from the grid's step times, against its own predicted "
+            f"fixed batch {sized['fixed_batch_size']}), measured {result.value:.2f}×",
+        ),
+    ]
+    for name, answer in (("size-aware", sized), ("fixed", fixed)):
+        if "peak_rss_bytes" not in answer:
+            continue
+        rows.append(
+            Row(
+                "sizeaware",
+                f"peak RSS ÷ ram_limit, autobatch.fit(batching={name!r}), one epoch",
+                answer["peak_rss_bytes"] / limit,
+                target=Target(high=1.0),
+                detail=f"VmHWM {format_bytes(answer['peak_rss_bytes'])} of {format_bytes(limit)}; predicted "
+                f"{format_bytes(answer['predicted_peak_bytes'])}; the whole process (probe child excluded), every "
+                "batch of the epoch included",
+            )
+        )
+    held = sized.get("held_out")
+    if held:
+        rows.append(
+            Row(
+                "sizeaware",
+                f"memory model ({sized['model_kind']}): predicted ÷ measured peak of the held-out trial",
+                1 + sized["held_out_error"],
+                target=Target(0.95, 1.10),
+                detail=f"{sized['model']}; held-out trial batch {held['batch_size']} × length {held['length']}: "
+                f"{(sized['held_out_error_above_baseline'] or 0):+.1%} of what it added above the runtime",
+            )
+        )
+    rows += _size_aware_vs_tutorial(ctx, runs["canonical size-aware"])
+    return rows
+
+
+def _size_aware_vs_tutorial(ctx: Context, sized: dict[str, Any]) -> list[Row]:
+    """The size-aware feed on the canonical frame ÷ the tutorial's generator at batch 8 (issue 6's open target)."""
+    from autobatch.feeds.size_aware import SizeAwareFeed
+
+    small = ctx.sizes.tutorial_batch_size
+    n = ctx.rows("small")
+    x, y = workload.frame(n)
+    model = workload.build_model("canonical")
+    feed = SizeAwareFeed(
+        x, y, boundaries=sized["boundaries"], batch_sizes=sized["batch_sizes"], preprocess=workload.preprocess,
+        output_signature=workload.SIGNATURE, max_queue_size=2,
+    )
+    dataset = feed.to_tf_dataset(workload.SIGNATURE, prefetch=2)
+    steps = n // small
+
+    def generator() -> Run:
+        gen = workload.tutorial_generator(x, y, small)
+        return timed(steps * small, lambda: model.fit(gen, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False))
+
+    runs = {"size-aware": lambda: timed(n, lambda: _fit_epoch(model, dataset)), "generator": generator}
+    for go in runs.values():
+        go()  # warm-up
+    ctx.log(f"size-aware vs the tutorial: buckets {sized['boundaries']} at {sized['batch_sizes']} vs batch {small}")
+    results = interleave(runs, ctx.sizes.reps)
+    result = ratio(results, "size-aware", "generator")
+    return [
+        Row(
+            "sizeaware",
+            f"size-aware feed ÷ tutorial generator at batch {small}, canonical frame ({n:,} rows), ram_limit="
+            f"{ctx.sizes.ram_limit}",
+            result.value,
+            target=Target(3.0),
+            detail=result.describe("size-aware", "generator")
+            + f"; buckets {sized['boundaries']} at batches {sized['batch_sizes']}",
+        )
+    ]
+
+
 BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "feed": feed_overhead,
     "shards": shard_streaming,
@@ -602,5 +777,6 @@ BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "memory": flat_memory,
     "probe": probe_cost,
     "padding": padding,
+    "sizeaware": size_aware,
 }
 """Every benchmark by the name ``./dev bench NAME`` selects it with, in the issue's order."""

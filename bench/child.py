@@ -7,6 +7,8 @@ Run as ``python bench/child.py '{"job": ..., ...}'``; the answer is one line
   with the monitor), optionally training at a forced batch size instead of the plan's.
 - ``stream``: ``model.fit`` on a ``ShardFeed`` over the given shard files at a fixed batch
   size, exported to ``tf.data`` as ``autobatch.fit`` does.
+- ``sized``: ``autobatch.fit`` with ``batching="fixed"`` or ``"size-aware"`` on the real-length
+  workload (or the canonical frame), reporting the plan and the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -119,7 +121,70 @@ def stream_job(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-JOBS = {"fit": fit_job, "stream": stream_job}
+def sized_job(job: dict[str, Any]) -> dict[str, Any]:
+    """``autobatch.fit(batching=job["batching"])`` on ``job["workload"]``: the plan and the peak RSS of the whole run."""
+    from rich.console import Console
+
+    import autobatch
+
+    if job["workload"] == "real":
+        x, y = workload.real_length_frame(job.get("rows"), files=job.get("files"))
+        model, preprocess = workload.build_model("wide"), workload.preprocess_seq
+    else:
+        x, y = workload.frame(job["rows"])
+        model, preprocess = workload.build_model("canonical"), workload.preprocess
+    options: dict[str, Any] = {}
+    if job["batching"] == "size-aware":
+        options["size_aware_options"] = {"grid_batch_sizes": tuple(job["grid"])}
+    times: list[float] = []
+    start = time.perf_counter()
+    history = autobatch.fit(
+        model,
+        x,
+        y,
+        preprocess=preprocess,
+        epochs=job["epochs"],
+        ram_limit=job["ram_limit"],
+        batching=job["batching"],
+        callbacks=[_epoch_timer(times)],
+        console=Console(file=io.StringIO(), width=140),
+        cache=False,
+        **options,
+    )
+    chosen = history.autobatch_plan
+    answer: dict[str, Any] = {
+        "batching": job["batching"],
+        "peak_rss_bytes": peak_rss_bytes(),
+        "predicted_peak_bytes": chosen.predicted_peak_bytes,
+        "batch_size": chosen.batch_size,
+        "steps_per_epoch": chosen.steps_per_epoch,
+        "samples_per_epoch": len(x),
+        "epoch_seconds": times,
+        "total_seconds": time.perf_counter() - start,
+        "plan_text": str(chosen),
+    }
+    if job["batching"] == "size-aware":
+        sized = chosen.sized
+        answer.update(
+            boundaries=list(chosen.boundaries),
+            batch_sizes=list(chosen.batch_sizes),
+            fixed_batch_size=chosen.fixed_batch_size,
+            expected_speedup=chosen.expected_speedup,
+            confirmed=chosen.confirmed,
+            model=sized.host_model.describe(),
+            model_kind=sized.host_model.kind,
+            held_out_error=sized.held_out_error,
+            held_out_error_above_baseline=sized.held_out_error_above_baseline,
+            held_out=dataclasses.asdict(sized.held_out) if sized.held_out is not None else None,
+            probe_text=str(sized),
+            plan_seconds=sized.wall_seconds + chosen.probe.wall_seconds,
+        )
+    else:
+        answer.update(limited_by=chosen.limited_by, confirmed=chosen.confirmed)
+    return answer
+
+
+JOBS = {"fit": fit_job, "stream": stream_job, "sized": sized_job}
 
 
 def main() -> None:

@@ -2,13 +2,13 @@
 
 Usage::
 
-    ./dev bench                                  # all seven, full size (11–16 minutes on 2 cores)
+    ./dev bench                                  # all eight, full size (about 15–20 minutes on 2 cores)
     ./dev bench feed planning                    # only these
     ./dev bench --quick                          # a smoke run of everything, tiny sizes
     ./dev bench --markdown BENCHMARKS.md         # also write the results block into that file
     ./dev bench --json results.json              # and/or as JSON
 
-Benchmarks (issue 6): feed, shards, tutorial, planning, memory, probe, padding.
+Benchmarks (issue 6): feed, shards, tutorial, planning, memory, probe, padding; (issue 9): sizeaware.
 See BENCHMARKS.md for what each one measures and the last results.
 """
 

@@ -29,6 +29,12 @@ def main(argv: list[str] | None = None) -> object:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--ram-limit", default="1GiB")
     parser.add_argument("--log", help="write the memory monitor's JSON-lines log here (see `autobatch report`)")
+    parser.add_argument(
+        "--batching",
+        choices=["fixed", "size-aware"],
+        default="fixed",
+        help="size-aware: one batch size per length bucket, each padded to its bucket (README: Size-aware batching)",
+    )
     args = parser.parse_args(argv)
 
     frame = canonical.make_frame(args.rows, seed=0)
@@ -45,10 +51,12 @@ def main(argv: list[str] | None = None) -> object:
         epochs=args.epochs,
         ram_limit=args.ram_limit,
         log_path=args.log,
+        batching=args.batching,
     )
     plan = history.autobatch_plan
+    sizes = f"batches {min(plan.batch_sizes)}–{max(plan.batch_sizes)}" if args.batching == "size-aware" else None
     print(
-        f"trained {args.epochs} epoch(s) at batch {plan.batch_size} ({plan.steps_per_epoch} steps/epoch, "
+        f"trained {args.epochs} epoch(s) at {sizes or f'batch {plan.batch_size}'} ({plan.steps_per_epoch} steps/epoch, "
         f"every sample once per epoch); loss {history.history['loss'][0]:.4f} -> {history.history['loss'][-1]:.4f}, "
         f"val_loss {history.history['val_loss'][-1]:.4f}"
     )

@@ -2,7 +2,8 @@
 
 - :class:`InMemoryFeed` slices in-memory data (DataFrame, arrays, dicts of arrays).
 - :class:`ShardFeed` streams CSV/Parquet shard files with bounded memory.
-- :func:`make_feed` picks one for the data and the plan's strategy.
+- :class:`SizeAwareFeed` / :class:`SizeAwareShardFeed` batch by length bucket, one batch size per bucket.
+- :func:`make_feed` picks one for the data and the plan's strategy (:func:`make_size_aware_feed` for a bucket plan).
 
 Both serve every sample exactly once per epoch, reshuffle per epoch from a
 seed, split off validation data with ``feed.split(fraction)``, and export to
@@ -27,10 +28,20 @@ from autobatch.errors import ConfigError, DataError
 from autobatch.feeds.base import BaseFeed
 from autobatch.feeds.in_memory import InMemoryFeed
 from autobatch.feeds.shards import ShardFeed, ShardIndex
+from autobatch.feeds.size_aware import SizeAwareFeed, SizeAwareShardFeed, make_size_aware_feed
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BaseFeed", "InMemoryFeed", "ShardFeed", "ShardIndex", "make_feed"]
+__all__ = [
+    "BaseFeed",
+    "InMemoryFeed",
+    "ShardFeed",
+    "ShardIndex",
+    "SizeAwareFeed",
+    "SizeAwareShardFeed",
+    "make_feed",
+    "make_size_aware_feed",
+]
 
 _SHARD_ONLY = ("read_ahead", "index")
 

@@ -60,6 +60,8 @@ class RawBatch:
     """Where the rows came from, for error messages (e.g. ``"shard 'data/3.csv'"``)."""
     origin: Callable[[int], str] | None = None
     """Where row ``p`` of the batch came from (e.g. ``"row 17 of shard 'data/3.csv'"``), for error messages."""
+    pad_to: int | None = None
+    """The length a size-aware feed pads this batch's sequences to (its bucket's boundary)."""
 
 
 def _map_leaves(value: Any, fn: Callable[[str, Any], Any], prefix: str) -> Any:
@@ -280,7 +282,7 @@ class BaseFeed(keras.utils.PyDataset):
         where = f"batch {index} (rows {lo}-{hi - 1} of epoch {self._epoch}{', ' + raw.where if raw.where else ''})"
         try:
             with count_truncations() as cut:
-                result = self.preprocess(raw.x, raw.y)
+                result = self._call_preprocess(raw)
         except PreprocessError as exc:  # already says what is wrong (e.g. the default preprocess); add where
             raise PreprocessError(f"{exc} (on {where})") from exc
         except DataError as exc:  # bad data found by autobatch's helpers: name the row's origin too
@@ -311,6 +313,10 @@ class BaseFeed(keras.utils.PyDataset):
         if raw.sample_weight is not None:
             return inputs, targets, raw.sample_weight
         return inputs, targets
+
+    def _call_preprocess(self, raw: RawBatch) -> Any:
+        """``preprocess`` on one batch's rows (a size-aware feed also pads to the batch's bucket)."""
+        return self.preprocess(raw.x, raw.y)
 
     def _warn_once(self, key: str, message: str, category: type[Warning]) -> None:
         with self._lock:
