@@ -38,7 +38,7 @@ from autobatch.probe import ProbeResult
 
 logger = logging.getLogger(__name__)
 
-_KINDS = ("host", "gpu", "dataset", "max_batch_size", "trial")
+_KINDS = ("host", "gpu", "dataset", "max_batch_size", "trial", "failed")
 """Codes of what limited a replica, as exchanged between workers (an index into this tuple)."""
 
 

@@ -11,12 +11,12 @@ No TensorFlow here: the probe, the planner and the feeds all use it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 
-from autobatch.errors import ConfigError, DataError
+from autobatch.errors import ConfigError, DataError, PreprocessError
 
 LengthFn = Callable[[Any], Any]
 """``length_fn(batch_x) -> lengths``: one non-negative int per row of ``batch_x``."""
@@ -90,7 +90,9 @@ def _column_lengths(values: Any, name: str) -> np.ndarray:
             lengths = pc.fill_null(counts, 0).to_numpy(zero_copy_only=False).astype(np.int64)
             empty = pc.equal(text, "").to_numpy(zero_copy_only=False)
             return np.where(empty, 0, lengths)
-        except (ImportError, pa.ArrowInvalid, pa.ArrowTypeError):
+        except ImportError:
+            return np.fromiter((len(v.split()) for v in array), dtype=np.int64, count=len(array))
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
             return np.fromiter((len(v.split()) for v in array), dtype=np.int64, count=len(array))
     try:
         return np.fromiter(
@@ -128,8 +130,11 @@ def sample_lengths(
         if sequence_columns is not None:
             raise ConfigError("pass either `sequence_columns` or `length_fn`, not both.")
         lengths = np.asarray(length_fn(x))
-        n = len(x) if hasattr(x, "__len__") and not isinstance(x, Mapping) else len(next(iter(x.values())))
-        if lengths.shape != (n,) or lengths.dtype.kind not in "iu" and not np.all(np.mod(lengths, 1) == 0):
+        if isinstance(x, Mapping):
+            n = len(next(iter(x.values()))) if x else 0
+        else:
+            n = len(x) if hasattr(x, "__len__") else -1
+        if lengths.shape != (n,) or lengths.dtype.kind not in "iuf" or not np.all(np.mod(lengths, 1) == 0):
             raise ConfigError(
                 f"`length_fn` must return one integer length per row: expected shape ({n},), received "
                 f"{lengths.shape} of {lengths.dtype}."
@@ -139,7 +144,7 @@ def sample_lengths(
             raise ConfigError(f"`length_fn` returned a negative length ({int(lengths.min())}).")
         return lengths
     columns = _columns_of(x)
-    names = tuple(sequence_columns) if sequence_columns is not None else detect_sequence_columns(x)
+    names = resolve_sequence_columns(x, sequence_columns) if sequence_columns is not None else detect_sequence_columns(x)
     if not names:
         raise DataError(
             "size-aware batching needs the length of each sample, but no column of the data holds sequences "
@@ -205,7 +210,7 @@ def shard_lengths(
             out.append(sample_lengths(frame, sequence_columns=columns or None, length_fn=length_fn))
             continue
         if sequence_columns is not None and not columns:
-            columns = tuple(sequence_columns)
+            columns = (sequence_columns,) if isinstance(sequence_columns, str) else tuple(sequence_columns)
         try:
             if shard_format(path) == "parquet":
                 frame = pd.read_parquet(path, columns=list(columns))
@@ -230,13 +235,20 @@ def accepts_maxlen(preprocess: Callable[..., Any]) -> bool:
 
 
 def fit_length(
-    value: Any, length: int, variable: frozenset[str] | set[str], prefix: str, *, cut: bool = True
+    value: Any,
+    length: int,
+    variable: frozenset[str] | set[str],
+    prefix: str,
+    *,
+    cut: bool | Literal["padding"] = True,
 ) -> Any:
     """``value`` with the padded axis (axis 1) of the leaves named in ``variable`` brought to ``length``.
 
     Shorter arrays are padded with zeros after their values; longer ones are cut
-    at the end (with ``cut``; else left as they are). Leaves are named as the probe
-    names them (``x/in1``, ``y``).
+    at the end (``cut=True``), left as they are (``False``), or stripped of the
+    zeros on whichever side holds only zeros (``"padding"``: pre- or post-padding;
+    a :class:`PreprocessError` if both sides hold values). Leaves are named as the
+    probe names them (``x/in1``, ``y``).
     """
     if isinstance(value, Mapping):
         return {key: fit_length(item, length, variable, f"{prefix}/{key}", cut=cut) for key, item in value.items()}
@@ -248,6 +260,17 @@ def fit_length(
     if array.ndim < 2 or array.shape[1] == length:
         return array
     if array.shape[1] > length:
+        if cut == "padding":
+            extra = array.shape[1] - length
+            if not np.any(array[:, length:]):
+                return array[:, :length]
+            if not np.any(array[:, :extra]):
+                return array[:, extra:]
+            raise PreprocessError(
+                f"preprocess returned {prefix} with {array.shape[1]} steps for a bucket padded to {length}, and values "
+                f"on both sides beyond {length}: its samples are longer than their bucket says. Make the length "
+                "(`sequence_columns=` / `length_fn=`) match what preprocess pads, or accept a `maxlen` keyword."
+            )
         return array[:, :length] if cut else array
     widths = [(0, 0)] * array.ndim
     widths[1] = (0, length - array.shape[1])

@@ -135,6 +135,7 @@ class _ReadAhead:
         import threading
 
         self._path = path
+        self.error: Exception | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="autobatch-trial-reader", daemon=True)
 
@@ -144,9 +145,12 @@ class _ReadAhead:
         from autobatch._data import read_shard
 
         latest = None
-        while not self._stop.is_set():
-            latest = None  # noqa: F841  (dropped before the next read, as the feed drops a finished shard)
-            latest = read_shard(Path(self._path))  # type: ignore[arg-type]
+        try:
+            while not self._stop.is_set():
+                latest = None  # noqa: F841  (dropped before the next read, as the feed drops a finished shard)
+                latest = read_shard(Path(self._path))  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 (reported by __exit__: a trial without its read-ahead measured less)
+            self.error = exc
 
     def __enter__(self) -> _ReadAhead:
         if self._path is not None:
@@ -157,6 +161,8 @@ class _ReadAhead:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
+        if self.error is not None and exc[0] is None:
+            raise RuntimeError(f"reading shard {self._path!r} during the trial failed: {self.error}") from self.error
 
 
 def _trial(model: Any, message: dict[str, Any], gpu: bool, shard: str | None = None) -> dict[str, Any]:

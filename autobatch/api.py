@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from autobatch import _cache, _distribute
 from autobatch._memory import Budget, gpu_budget, host_budget, rss_bytes
 from autobatch.plan import Plan, make_plan
-from autobatch.errors import AutobatchError, ConfigError
+from autobatch.errors import AutobatchError, ConfigError, ProbeError
 from autobatch.probe import Preprocess, Prober, ProbeResult
 
 if TYPE_CHECKING:
@@ -180,17 +180,23 @@ def plan(
     try:
         local = _plan_locally(x, y, preprocess, model, budgets, plan_budgets, options, **run)
         limits = _distribute.replica_limits(local.probe, local, device_budgets, layout, options=options)
-        failure: AutobatchError | None = None
-    except AutobatchError as exc:
+        failure: Exception | None = None
+    except Exception as exc:  # noqa: BLE001 (re-raised below, after the exchange)
         # Still take part in the exchange (peers would wait for this worker forever), then fail on every worker.
         local, failure = None, exc
         limits = [
-            _distribute.ReplicaLimit(layout.worker_index, layout.worker_index * layout.local_replicas + i, 0, "host", 0)
+            _distribute.ReplicaLimit(layout.worker_index, layout.worker_index * layout.local_replicas + i, 0, "failed", 0)
             for i in range(layout.local_replicas)
         ]
     limits = _distribute.gather_limits(active, layout, limits)
-    if failure is not None or local is None:
-        raise failure if failure is not None else AutobatchError("planning failed on this worker")
+    if failure is not None:
+        raise failure
+    failed = sorted({r.worker for r in limits if r.limited_by == "failed"})
+    if failed or local is None:
+        raise ProbeError(
+            f"planning failed on worker(s) {', '.join(map(str, failed))}, so no worker trains: see that worker's own "
+            "error (its log or console) for what went wrong and how to fix it."
+        )
     if max_batch_size is not None:
         options["max_batch_size"] = max_batch_size // layout.local_replicas
     return _distribute.distribute_plan(local, limits, layout, budgets, options=options)
@@ -478,6 +484,7 @@ def fit(
         all_callbacks.append(shares[0].callback)
         if isinstance(validation, BaseFeed):
             shares.append(distribute_feed(validation, chosen, active, prefetch=1))
+            all_callbacks.append(shares[1].callback)  # its epochs end too, releasing the shards it read
     watcher = None
     if monitor:
         watched = shares[0].feed if shares else train

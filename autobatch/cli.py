@@ -86,7 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument(
         "--buckets",
         type=_buckets,
-        default=8,
         help="with --size-aware: the number of length buckets (default 8) or comma-separated boundaries, e.g. 64,256,1024",
     )
     probe.add_argument(
@@ -138,6 +137,15 @@ def main(argv: Sequence[str] | None = None, *, console: Console | None = None) -
     probe_options = {"sample_batch_size": args.sample_batch_size}
     if args.trial_batch_sizes:
         probe_options["trial_batch_sizes"] = args.trial_batch_sizes
+    ignored = (
+        [("--multiple-of", args.multiple_of is not None), ("--no-cache", args.no_cache)]
+        if args.size_aware
+        else [("--buckets", args.buckets is not None), ("--sequence-columns", args.sequence_columns is not None)]
+    )
+    for flag, given in ignored:
+        if given:
+            mode = "with --size-aware" if args.size_aware else "without --size-aware"
+            Console(stderr=True, soft_wrap=True).print(f"autobatch: warning: {flag} has no effect {mode}", highlight=False)
     if args.size_aware:
         return _exit(_size_aware(args, target, probe_options, console), argv)
     try:
@@ -159,8 +167,7 @@ def main(argv: Sequence[str] | None = None, *, console: Console | None = None) -
     except AutobatchError as exc:
         if args.debug:
             raise
-        error = Text.assemble((type(exc).__name__, "bold red"), ": ", str(exc))
-        Console(stderr=True, soft_wrap=True).print(error, highlight=False)
+        _print_error(exc)
         return _exit(1, argv)
     if args.json:
         print(json.dumps(result.to_dict()), file=console.file)
@@ -187,7 +194,7 @@ def _size_aware(args: argparse.Namespace, target: object, probe_options: dict[st
             gpu_limit=args.gpu_limit,
             safety=args.safety,
             max_batch_size=args.max_batch_size,
-            buckets=args.buckets,
+            buckets=8 if args.buckets is None else args.buckets,
             sequence_columns=args.sequence_columns,
             confirm=not args.no_confirm,
             in_process=False,
@@ -196,8 +203,7 @@ def _size_aware(args: argparse.Namespace, target: object, probe_options: dict[st
     except AutobatchError as exc:
         if args.debug:
             raise
-        error = Text.assemble((type(exc).__name__, "bold red"), ": ", str(exc))
-        Console(stderr=True, soft_wrap=True).print(error, highlight=False)
+        _print_error(exc)
         return 1
     if args.json:
         print(json.dumps(result.to_dict()), file=console.file)
@@ -205,6 +211,11 @@ def _size_aware(args: argparse.Namespace, target: object, probe_options: dict[st
         console.print(result.sized)
         console.print(result)
     return 0
+
+
+def _print_error(exc: AutobatchError) -> None:
+    error = Text.assemble((type(exc).__name__, "bold red"), ": ", str(exc))
+    Console(stderr=True, soft_wrap=True).print(error, highlight=False)
 
 
 def _exit(code: int, argv: Sequence[str] | None) -> int:

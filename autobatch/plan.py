@@ -574,7 +574,9 @@ def bucket_boundaries(lengths: Any, buckets: int | Sequence[int] = 8, *, multipl
     import numpy as np
 
     values, counts = np.unique(np.asarray(lengths, dtype=np.int64), return_counts=True)
-    longest = int(values[-1]) if len(values) else 1
+    if not len(values):
+        raise ConfigError("bucket_boundaries needs at least one sample length; received none.")
+    longest = int(values[-1])
     if isinstance(buckets, bool) or not isinstance(buckets, (int, Sequence)) or isinstance(buckets, str):
         raise ConfigError(f"`buckets` must be a number of buckets or a list of boundaries. Received: {buckets!r}")
     if isinstance(buckets, int):
@@ -681,6 +683,8 @@ class BucketPlan:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["sized"] = self.sized.to_dict()
+        if not math.isfinite(self.expected_speedup):
+            data["expected_speedup"] = None  # JSON has no infinity
         return data
 
     def __rich__(self) -> Any:

@@ -726,59 +726,73 @@ class Prober:
         # holds a full trial batch (it would count in the training process's own peak when planning in-process).
         rows = min(batch_size, self.sample().worst.n_samples)
         batch = self.worst_batch(rows)
-        arrays, structure = pack_batch(batch.inputs, batch.targets)
-        path = self._workdir / f"batch-{batch_size}.npz"
-        np.savez(path, **arrays)
-        del arrays, batch
-        child = self._child_process()
-        reply = child.request(
-            {
-                "cmd": "trial",
-                "arrays": str(path),
-                "rows": rows,
-                "batch_size": batch_size,
-                "structure": structure,
-                "steps": self._steps,
-                "prefetch": self._prefetch_batches,
-            },
-            rss_limit_bytes=rss_limit_bytes,
+        outcome = self.send_trial(
+            batch.inputs, batch.targets, batch_size, rows=rows, what=f"batch {batch_size}",
+            shrink="trial_batch_sizes", rss_limit_bytes=rss_limit_bytes,
         )
-        path.unlink(missing_ok=True)
+        return StepTrial(batch_size, **outcome)
+
+    def send_trial(
+        self,
+        inputs: Any,
+        targets: Any,
+        batch_size: int,
+        *,
+        rows: int | None = None,
+        what: str,
+        shrink: str,
+        rss_limit_bytes: int | None,
+    ) -> dict[str, Any]:
+        """Train on this preprocessed batch in the child (``rows`` of it cycled to ``batch_size``).
+
+        Returns:
+            The :class:`StepTrial` fields measured: ``peak_rss_bytes``, ``gpu_peak_bytes``,
+            ``seconds_per_step``, and ``fits``/``note`` for a trial that did not fit.
+
+        Raises:
+            ProbeError: the child exited or timed out (``shrink`` names the option to lower).
+            ModelError: the training step itself failed.
+        """
+        arrays, structure = pack_batch(inputs, targets)
+        path = self._workdir / f"batch-{batch_size}-{os.getpid()}-{time.monotonic_ns()}.npz"
+        np.savez(path, **arrays)
+        del arrays
+        child = self._child_process()
+        message = {"cmd": "trial", "arrays": str(path), "structure": structure, "steps": self._steps,
+                   "prefetch": self._prefetch_batches}
+        if rows is not None:
+            message.update(rows=rows, batch_size=batch_size)
+        try:
+            reply = child.request(message, rss_limit_bytes=rss_limit_bytes)
+        finally:
+            path.unlink(missing_ok=True)
         if reply.get("ok"):
-            return StepTrial(
-                batch_size,
-                reply["peak_rss_bytes"],
-                reply.get("gpu_peak_bytes"),
-                reply.get("seconds_per_step"),
-            )
+            return {
+                "peak_rss_bytes": reply["peak_rss_bytes"],
+                "gpu_peak_bytes": reply.get("gpu_peak_bytes"),
+                "seconds_per_step": reply.get("seconds_per_step"),
+            }
         if reply.get("over_limit"):
             # What it reached before being stopped is a lower bound on its peak: keep it for the fit.
-            return StepTrial(
-                batch_size,
-                reply.get("peak_seen") or None,
-                fits=False,
-                note=f"stopped: child RSS passed the limit of {format_bytes(rss_limit_bytes)}",
-            )
+            note = f"stopped: child RSS passed the limit of {format_bytes(rss_limit_bytes)}"
+            return {"peak_rss_bytes": reply.get("peak_seen") or None, "fits": False, "note": note}
         if reply.get("oom"):
-            return StepTrial(batch_size, None, fits=False, note=f"out of memory: {_oom_summary(str(reply.get('error')))}")
+            return {"peak_rss_bytes": None, "fits": False, "note": f"out of memory: {_oom_summary(str(reply.get('error')))}"}
         if reply.get("died"):
             code = reply.get("returncode")
             if code is not None and code < 0:
-                return StepTrial(
-                    batch_size, None, fits=False, note=f"child killed by signal {-code} (likely out of memory)"
-                )
+                note = f"child killed by signal {-code} (likely out of memory)"
+                return {"peak_rss_bytes": None, "fits": False, "note": note}
             raise ProbeError(
-                f"the probe's child process exited (code {code}) during a trial at batch {batch_size}.\n"
+                f"the probe's child process exited (code {code}) during a trial at {what}.\n"
                 f"Its last output:\n{child.stderr_tail()}"
             )
         if reply.get("timeout"):
             raise ProbeError(
-                f"a training trial at batch {batch_size} took longer than {self._timeout_s:.0f} s and was killed. "
-                "Raise `timeout_s` or probe with smaller `trial_batch_sizes`."
+                f"a training trial at {what} took longer than {self._timeout_s:.0f} s and was killed. "
+                f"Raise `timeout_s` or probe with smaller `{shrink}`."
             )
-        raise ModelError(
-            f"training step failed at batch {batch_size}: {reply.get('error')}\n{reply.get('traceback', '')}".rstrip()
-        )
+        raise ModelError(f"training step failed at {what}: {reply.get('error')}\n{reply.get('traceback', '')}".rstrip())
 
     def measure(self) -> ProbeResult:
         """Measure data, preprocessing and (with a model) training-step memory."""

@@ -34,8 +34,8 @@ from autobatch._data import InMemoryData, _concat
 from autobatch._lengths import LengthFn, accepts_maxlen, fit_length, sample_lengths, shard_lengths
 from autobatch._trial import pack_batch
 from autobatch._units import format_bytes
-from autobatch.errors import ConfigError, ModelError, ProbeError
-from autobatch.probe import Prober, ProbeResult, _oom_summary, run_preprocess
+from autobatch.errors import ConfigError, ProbeError
+from autobatch.probe import Prober, ProbeResult, run_preprocess
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +128,9 @@ def fit_length_model(
     Returns:
         The model, or ``None`` with fewer than two distinct token counts measured.
     """
-    points = [(t.batch_size, t.length, getattr(t, attr)) for t in trials if not t.held_out and getattr(t, attr)]
-    points = [p for p in points if p[2] is not None]
+    points = [(t.batch_size, t.length, getattr(t, attr)) for t in trials if not t.held_out and t.fits and getattr(t, attr)]
+    # A trial stopped at the limit measured only a lower bound of its peak: the line must pass above it, not fit it.
+    bounds = [(t.batch_size, t.length, getattr(t, attr)) for t in trials if not t.fits and getattr(t, attr)]
     if len({b * n for b, n, _ in points}) < 2:
         return None
     b = np.array([p[0] for p in points], dtype=float)
@@ -150,7 +151,8 @@ def fit_length_model(
         if quad[2] > 0 and rms_linear > 0.05 * spread and rms_quad < 0.5 * rms_linear:
             kind = "quadratic"
             coef = (quad[0], max(quad[1], floor_per_token if quad[1] > 0 else 0.0), quad[2])
-    intercept = float(np.max(peak - coef[1] * tokens - coef[2] * tokens_len))
+    above = [(float(p), float(bb) * n_, float(bb) * n_ * n_) for bb, n_, p in [*points, *bounds]]
+    intercept = max(p - coef[1] * t - coef[2] * tl for p, t, tl in above)
     return LengthMemoryModel(intercept, float(coef[1]), float(coef[2]), kind)
 
 
@@ -358,53 +360,15 @@ def _trial(
     batch = run_preprocess(call, InMemoryData(*pool.data.take(rows)), where=where)
     inputs = fit_length(batch.inputs, length, variable, "x")
     targets = fit_length(batch.targets, length, variable, "y")
-    arrays, structure = pack_batch(inputs, targets)
-    nbytes = sum(int(a.nbytes) for a in arrays.values())
-    path = prober._workdir / f"grid-{batch_size}-{length}.npz"
-    np.savez(path, **arrays)
-    del arrays, inputs, targets
-    child = prober._child_process()
-    reply = child.request(
-        {
-            "cmd": "trial",
-            "arrays": str(path),
-            "structure": structure,
-            "steps": prober._steps,
-            "prefetch": prober._prefetch_batches,
-        },
+    nbytes = sum(int(np.asarray(a).nbytes) for a in pack_batch(inputs, targets)[0].values())
+    outcome = prober.send_trial(
+        inputs, targets, batch_size, what=f"batch {batch_size}, length {length}", shrink="grid_batch_sizes",
         rss_limit_bytes=rss_limit_bytes,
     )
-    path.unlink(missing_ok=True)
-    common = dict(held_out=held_out, batch_bytes=nbytes, preprocess_peak_bytes=batch.peak_bytes)
-    if reply.get("ok"):
-        return GridTrial(
-            batch_size, length, reply["peak_rss_bytes"], reply.get("gpu_peak_bytes"), reply.get("seconds_per_step"),
-            **common,
-        )
-    if reply.get("over_limit"):
-        return GridTrial(
-            batch_size, length, reply.get("peak_seen") or None, fits=False, **common,
-            note=f"; stopped: child RSS passed {format_bytes(rss_limit_bytes)}",
-        )
-    if reply.get("oom"):
-        note = f"; {_oom_summary(str(reply.get('error')))}"
-        return GridTrial(batch_size, length, None, fits=False, note=note, **common)
-    if reply.get("died"):
-        code = reply.get("returncode")
-        if code is not None and code < 0:
-            return GridTrial(batch_size, length, None, fits=False, note=f"; killed by signal {-code}", **common)
-        raise ProbeError(
-            f"the probe's child process exited (code {code}) during a trial at batch {batch_size}, length {length}.\n"
-            f"Its last output:\n{child.stderr_tail()}"
-        )
-    if reply.get("timeout"):
-        raise ProbeError(
-            f"a training trial at batch {batch_size}, length {length} took longer than {prober._timeout_s:.0f} s and "
-            "was killed. Raise `timeout_s` or probe with smaller `grid_batch_sizes`."
-        )
-    raise ModelError(
-        f"training step failed at batch {batch_size}, length {length}: {reply.get('error')}\n"
-        f"{reply.get('traceback', '')}".rstrip()
+    if "note" in outcome:
+        outcome["note"] = "; " + outcome["note"]
+    return GridTrial(
+        batch_size, length, held_out=held_out, batch_bytes=nbytes, preprocess_peak_bytes=batch.peak_bytes, **outcome
     )
 
 

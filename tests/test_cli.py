@@ -87,3 +87,14 @@ def test_installed_console_script_with_a_model(shard_dirs):
     assert data["confirmed"] and data["probe"]["device"] == "CPU"
     assert [t["batch_size"] for t in data["probe"]["trials"]][:2] == [4, 16]
     assert data["budgets"][0]["predicted_peak_bytes"] <= data["budgets"][0]["usable_bytes"]
+
+
+def test_size_aware_options_without_size_aware_are_reported_not_silently_ignored(shard_dirs, capsys):
+    code, out = run(
+        "probe", str(shard_dirs / "csv"), "--target", "label", "--preprocess", PREPROCESS, "--no-cache",
+        "--buckets", "4", "--sequence-columns", "in1",
+    )
+    err = capsys.readouterr().err
+    assert code == 0 and "autobatch plan" in out
+    assert "--buckets has no effect without --size-aware" in err
+    assert "--sequence-columns has no effect without --size-aware" in err

@@ -17,7 +17,7 @@ import autobatch
 from autobatch import Budget, ProbeResult, TensorSpec
 from autobatch._lengths import detect_sequence_columns, sample_lengths
 from autobatch.cli import main
-from autobatch.errors import BudgetError, ConfigError, DataError
+from autobatch.errors import BudgetError, ConfigError, DataError, PreprocessError
 from autobatch.plan import bucket_boundaries, expected_batch_max, make_bucket_plan
 from autobatch.size_probe import GridTrial, LengthMemoryModel, SizeAwareProbe, fit_length_model
 
@@ -288,9 +288,18 @@ def test_validation_data_longer_than_the_plan_gets_its_own_bucket(skewed):
 
 
 def test_split_and_drop_remainder(skewed):
+    from autobatch.feeds.size_aware import SizeAwareFeed
+
     train, val = _feed(skewed).split(0.2)
     ids = [np.concatenate([f[i][0]["id"] for i in range(len(f))]).astype(int) for f in (train, val)]
     assert not set(ids[0]) & set(ids[1]) and len(ids[0]) + len(ids[1]) == len(skewed)
+    # Both halves keep the buckets: each batch at most its bucket's size, padded to its boundary.
+    sizes = dict(zip([32, 64, 256, 2048], [128, 64, 16, 4]))
+    for part in (train, val):
+        assert isinstance(part, SizeAwareFeed) and part.boundaries.tolist() == [32, 64, 256, 2048]
+        for i in range(len(part)):
+            width = part[i][0]["seq"].shape[1]
+            assert width == part.batch_length(i) and len(part[i][0]["id"]) <= sizes[width]
     with pytest.raises(ConfigError):
         _feed(skewed, drop_remainder=True)
 
@@ -470,3 +479,47 @@ def test_a_preprocess_without_a_padded_axis_or_a_missing_model_is_refused_before
     assert "pass `model=`" in str(excinfo.value)
     with pytest.raises(ConfigError):
         SizeAwareProber(SimpleNamespace(_model=None), grid_batch_sizes=(0, 4))
+
+
+@pytest.mark.parametrize("padding", ["post", "pre"])
+def test_a_preprocess_padding_past_the_boundary_is_brought_back_to_it(skewed, padding):
+    """A preprocess padding to its own bucket (64) would serve wider batches than the plan measured."""
+
+    def pad64(batch_x, batch_y):
+        inputs = autobatch.pad_columns(batch_x, ["seq"], add_feature_axis=True, bucket=64, padding=padding)
+        inputs["id"] = batch_x["id"].to_numpy(np.float32)
+        return inputs, np.asarray(batch_y, dtype=np.float32).reshape(-1, 1)
+
+    feed = _feed(skewed.iloc[:600], preprocess=pad64)
+    for i in range(len(feed)):
+        x, _ = feed[i]
+        assert x["seq"].shape[1] == feed.batch_length(i)  # 32 for the shortest bucket, not 64
+        for row, sample in zip(x["id"].astype(int), x["seq"][..., 0]):
+            original = np.asarray(skewed["seq"][skewed["id"] == row].iloc[0], np.float32)
+            assert np.array_equal(sample[sample != 0], original[original != 0])  # only padding was cut
+
+
+def test_a_preprocess_longer_than_the_bucket_on_both_sides_is_an_error(skewed):
+    def too_long(batch_x, batch_y):
+        inputs = {"seq": np.ones((len(batch_x), 3000, 1), np.float32), "id": batch_x["id"].to_numpy(np.float32)}
+        return inputs, np.asarray(batch_y, dtype=np.float32).reshape(-1, 1)
+
+    with pytest.raises(PreprocessError) as excinfo:
+        _feed(skewed.iloc[:100], preprocess=too_long)[0]
+    assert "x/seq" in str(excinfo.value) and "values on both sides" in str(excinfo.value)
+
+
+def test_distribute_feed_refuses_a_size_aware_feed(skewed):
+    with pytest.raises(ConfigError) as excinfo:
+        autobatch.distribute_feed(_feed(skewed.iloc[:100]), 8)
+    assert "SizeAwareFeed" in str(excinfo.value) and "fixed-batch feed" in str(excinfo.value)
+
+
+def test_a_trial_stopped_at_the_limit_bounds_the_line_but_does_not_bend_it():
+    fitted = [GridTrial(b, n, int(600 * MiB + 1000.0 * b * n)) for b in (16, 64) for n in (64, 256, 1024)]
+    stopped = GridTrial(256, 1024, int(700 * MiB), fits=False, note="; stopped")  # far below the line: a lower bound
+    model = fit_length_model([*fitted, stopped])
+    assert model.per_token_bytes == pytest.approx(1000.0, rel=1e-6)
+    above = GridTrial(8, 64, int(650 * MiB), fits=False, note="; stopped")  # above the line: lifts the intercept
+    lifted = fit_length_model([*fitted, above])
+    assert lifted.intercept_bytes >= 650 * MiB - 1000.0 * 8 * 64 - 1

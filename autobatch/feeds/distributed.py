@@ -291,6 +291,13 @@ def distribute_feed(
         >>> with share.keras_workarounds(model):
         ...     model.fit(share.dataset, epochs=3, callbacks=[share.callback])
     """
+    from autobatch.feeds.size_aware import SizeAwareFeed, SizeAwareShardFeed
+
+    if isinstance(feed, (SizeAwareFeed, SizeAwareShardFeed)):
+        raise ConfigError(
+            f"distribute_feed cannot share a {type(feed).__name__} across replicas yet: its batches differ in size "
+            "by bucket, and replicas must step together. Use a fixed-batch feed (plan.feed) under tf.distribute."
+        )
     import tensorflow as tf
 
     active = current_strategy(strategy)
@@ -307,6 +314,7 @@ def distribute_feed(
     steps, replicas = cells.shape[0], cells.shape[1]
     looked = [local._serve(int(cells[0, 0, 0]), int(cells[0, 0, 1]), 0, record=False)]
     signature = local._tf_signature(looked, output_signature or local.output_signature)
+    local.close()  # the shards read for the look would otherwise stay until the first epoch ends
     flat_specs = tf.nest.flatten(signature)
 
     def as_tf(batch: tuple[Any, ...], step: int) -> tuple[Any, ...]:

@@ -177,6 +177,6 @@ class InMemoryFeed(BaseFeed):
         train = np.sort(self._indices[chosen[n_val:]])
         logger.info("validation split: %d training and %d validation samples", len(train), len(val))
         return (
-            InMemoryFeed._subset(self, train),
-            InMemoryFeed._subset(self, val, shuffle=False, drop_remainder=False),
+            type(self)._subset(self, train),
+            type(self)._subset(self, val, shuffle=False, drop_remainder=False),
         )

@@ -141,9 +141,11 @@ class _BucketPadding:
             return result  # the base names what is wrong
         inputs, targets = result
         variable = self.leaves()
+        # Wider than the boundary (a preprocess padding to its own bucket): only padding can lie beyond it, as
+        # no sample of the bucket is longer; drop it, so the batch is the shape the plan measured.
         return (
-            fit_length(inputs, raw.pad_to, variable, "x", cut=False),
-            fit_length(targets, raw.pad_to, variable, "y", cut=False),
+            fit_length(inputs, raw.pad_to, variable, "x", cut="padding"),
+            fit_length(targets, raw.pad_to, variable, "y", cut="padding"),
         )
 
 
@@ -209,8 +211,9 @@ class SizeAwareFeed(InMemoryFeed):
 
     @classmethod
     def _subset(cls, parent: InMemoryFeed, indices: np.ndarray, **overrides: Any) -> InMemoryFeed:
+        if not isinstance(parent, SizeAwareFeed):
+            raise TypeError(f"SizeAwareFeed._subset needs a SizeAwareFeed parent, not {type(parent).__name__}")
         feed = super()._subset(parent, indices, **overrides)
-        assert isinstance(parent, SizeAwareFeed) and isinstance(feed, SizeAwareFeed)
         for name in ("lengths", "sequence_columns", "_bucket_of", "boundaries", "batch_sizes", "_padding"):
             setattr(feed, name, getattr(parent, name))
         feed.batch_size = parent.batch_size
