@@ -144,7 +144,9 @@ def sample_lengths(
             raise ConfigError(f"`length_fn` returned a negative length ({int(lengths.min())}).")
         return lengths
     columns = _columns_of(x)
-    names = resolve_sequence_columns(x, sequence_columns) if sequence_columns is not None else detect_sequence_columns(x)
+    names = (
+        resolve_sequence_columns(x, sequence_columns) if sequence_columns is not None else detect_sequence_columns(x)
+    )
     if not names:
         raise DataError(
             "size-aware batching needs the length of each sample, but no column of the data holds sequences "

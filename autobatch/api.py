@@ -185,7 +185,9 @@ def plan(
         # Still take part in the exchange (peers would wait for this worker forever), then fail on every worker.
         local, failure = None, exc
         limits = [
-            _distribute.ReplicaLimit(layout.worker_index, layout.worker_index * layout.local_replicas + i, 0, "failed", 0)
+            _distribute.ReplicaLimit(
+                layout.worker_index, layout.worker_index * layout.local_replicas + i, 0, "failed", 0
+            )
             for i in range(layout.local_replicas)
         ]
     limits = _distribute.gather_limits(active, layout, limits)

@@ -71,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--model", help="a .keras file, or module:function returning a compiled model")
     probe.add_argument("--ram-limit", help="peak host RAM for training, e.g. 8GiB (default: free RAM, cgroup-capped)")
     probe.add_argument("--gpu-limit", help="device memory per replica, e.g. 16GiB (default: free GPU memory)")
-    probe.add_argument("--safety", type=_fraction, default=0.1, help="margin on the predicted growth of memory with the batch (default 0.1: 10%%)")
+    probe.add_argument(
+        "--safety", type=_fraction, default=0.1,
+        help="margin on the predicted growth of memory with the batch (default 0.1: 10%%)",
+    )
     probe.add_argument("--max-batch-size", type=_positive_int)
     probe.add_argument("--multiple-of", type=_positive_int, help="round the batch size down to a multiple of N")
     probe.add_argument("--sample-batch-size", type=_positive_int, default=32)

@@ -160,11 +160,7 @@ class Plan:
         return Group(*parts)
 
     def __str__(self) -> str:
-        from rich.console import Console
-
-        console = Console(width=120, record=True, file=io.StringIO())
-        console.print(self)
-        return console.export_text()
+        return _as_text(self)
 
     def feed(
         self,
@@ -225,6 +221,15 @@ class Plan:
             validation_split=validation_split,
             **kwargs,
         )
+
+
+def _as_text(renderable: Any) -> str:
+    """What ``renderable`` prints as plain text, 120 columns wide."""
+    from rich.console import Console
+
+    console = Console(width=120, record=True, file=io.StringIO())
+    console.print(renderable)
+    return console.export_text()
 
 
 def _split_target(target: int, fits: int) -> tuple[int, int]:
@@ -725,11 +730,7 @@ class BucketPlan:
         return Group(header, table, Text(self.explanation), Text(confirmed, style="dim"))
 
     def __str__(self) -> str:
-        from rich.console import Console
-
-        console = Console(width=120, record=True, file=io.StringIO())
-        console.print(self)
-        return console.export_text()
+        return _as_text(self)
 
     def feed(
         self,

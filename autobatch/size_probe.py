@@ -128,7 +128,9 @@ def fit_length_model(
     Returns:
         The model, or ``None`` with fewer than two distinct token counts measured.
     """
-    points = [(t.batch_size, t.length, getattr(t, attr)) for t in trials if not t.held_out and t.fits and getattr(t, attr)]
+    points = [
+        (t.batch_size, t.length, getattr(t, attr)) for t in trials if not t.held_out and t.fits and getattr(t, attr)
+    ]
     # A trial stopped at the limit measured only a lower bound of its peak: the line must pass above it, not fit it.
     bounds = [(t.batch_size, t.length, getattr(t, attr)) for t in trials if not t.fits and getattr(t, attr)]
     if len({b * n for b, n, _ in points}) < 2:

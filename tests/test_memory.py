@@ -3,7 +3,6 @@ import sys
 from pathlib import Path
 
 import psutil
-import pytest
 
 from autobatch._memory import (
     CgroupMemory,

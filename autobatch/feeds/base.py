@@ -24,12 +24,14 @@ order: every sample exactly once in that pass.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import math
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -123,6 +125,32 @@ class FeedStats:
     """The same, per column (for :func:`autobatch.pad_columns`)."""
     nonfinite_batches: int = 0
     """Batches that held NaN or inf values after ``preprocess`` (with ``nan_policy="warn"``)."""
+
+
+class BackgroundReader:
+    """One lazily started reader thread for a streaming feed.
+
+    ``stop()`` ends it (a later ``pool()`` starts a new one); the owning feed stops
+    it when it is garbage-collected, without waiting.
+    """
+
+    def __init__(self, owner: object, name: str) -> None:
+        self._name = name
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        weakref.finalize(owner, self.stop, wait=False)
+
+    def pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
+            return self._executor
+
+    def stop(self, *, wait: bool = True) -> None:
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=wait, cancel_futures=True)
 
 
 class BaseFeed(keras.utils.PyDataset):
@@ -577,16 +605,7 @@ class BaseFeed(keras.utils.PyDataset):
         flat_specs = tf.nest.flatten(signature)
 
         def as_tf(batch: tuple[Any, ...], index: int) -> tuple[Any, ...]:
-            converted = tuple(_map_leaves(part, lambda _, leaf: np.asarray(leaf), "") for part in batch)
-            for spec, array in zip(flat_specs, tf.nest.flatten(converted), strict=True):
-                if not spec.shape.is_compatible_with(array.shape):
-                    raise PreprocessError(
-                        f"batch {index} of epoch {self._epoch} gives {spec.name} the shape {array.shape}, "
-                        f"which does not fit the dataset's signature {spec.shape}. Pass "
-                        "output_signature=plan.probe.output_signature (axes that vary are None there) "
-                        "or pad that axis to a fixed length."
-                    )
-            return converted
+            return self._conform(batch, flat_specs, f"batch {index}")
 
         def generate() -> Iterator[tuple[Any, ...]]:
             rows_log: list[tuple[int, int]] = []
@@ -607,6 +626,21 @@ class BaseFeed(keras.utils.PyDataset):
             upper = count * self.batch_size if self.drop_remainder else self.n_samples
             dataset.cardinality = lambda: tf.constant(upper, dtype=tf.int64)
         return dataset
+
+    def _conform(self, batch: tuple[Any, ...], flat_specs: Sequence[Any], what: str) -> tuple[Any, ...]:
+        """``batch`` as numpy arrays, checked against the dataset's flat ``tf.TensorSpec`` list."""
+        import tensorflow as tf
+
+        converted = tuple(_map_leaves(part, lambda _, leaf: np.asarray(leaf), "") for part in batch)
+        for spec, array in zip(flat_specs, tf.nest.flatten(converted), strict=True):
+            if not spec.shape.is_compatible_with(array.shape):
+                raise PreprocessError(
+                    f"{what} of epoch {self._epoch} gives {spec.name} the shape {array.shape}, "
+                    f"which does not fit the dataset's signature {spec.shape}. Pass "
+                    "output_signature=plan.probe.output_signature (axes that vary are None there) "
+                    "or pad that axis to a fixed length."
+                )
+        return converted
 
     def _pass_elements(
         self,
@@ -635,3 +669,78 @@ class BaseFeed(keras.utils.PyDataset):
             f"{type(self).__name__}(n_samples={self.n_samples}, batch_size={self.batch_size}, batches={len(self)}, "
             f"shuffle={self.shuffle}, seed={self.seed}, drop_remainder={self.drop_remainder}, epoch={self._epoch})"
         )
+
+
+_SHARD_ONLY = ("read_ahead", "index")
+"""Feed options that only mean something to a streaming feed."""
+
+
+def build_feed(
+    x: Any,
+    y: Any,
+    *,
+    strategy: str,
+    in_memory: Callable[..., BaseFeed],
+    stream: Callable[..., BaseFeed],
+    options: dict[str, Any],
+    validation_split: float | None,
+    seed: int,
+) -> BaseFeed | tuple[BaseFeed, BaseFeed]:
+    """Dispatch ``x`` to the in-memory or the streaming feed class (what ``make_feed`` and its kin share).
+
+    Raises:
+        ConfigError: ``strategy`` is not one of ``"auto"``, ``"in_memory"``, ``"stream"``.
+        DataError: ``x`` is of an unrecognized type, or a data function returns something else than ``(x, y)``.
+    """
+    import os
+    import reprlib
+
+    import pandas as pd
+
+    from autobatch._data import InMemoryData, ShardSource
+    from autobatch._loading import is_callable_spec, resolve_callable
+
+    if strategy not in ("auto", "in_memory", "stream"):
+        raise ConfigError(f'`strategy` must be "auto", "in_memory" or "stream". Received: strategy={strategy!r}')
+    options = dict(options)
+    if isinstance(x, (str, os.PathLike)) and is_callable_spec(str(x)):
+        loaded = resolve_callable(str(x), what="data")()
+        if not isinstance(loaded, tuple) or len(loaded) != 2:
+            raise DataError(f"data function {str(x)!r} must return (x, y); it returned {type(loaded).__name__}.")
+        x, y = loaded
+
+    def drop_shard_only(where: str) -> None:
+        ignored = [name for name in _SHARD_ONLY if name in options]
+        if ignored:
+            warnings.warn(f"{ignored} only apply to streamed shards and are ignored {where}.", stacklevel=3)
+            for name in ignored:
+                options.pop(name)
+
+    feed: BaseFeed
+    if isinstance(x, (str, os.PathLike, ShardSource)):
+        if y is not None and not isinstance(y, (str, list, tuple)):
+            raise DataError(
+                f"with shard files as `x`, `y` must be the target column name(s). Received: y of type {type(y)}"
+            )
+        source = x if isinstance(x, ShardSource) else ShardSource.from_spec(x, y)
+        if strategy == "in_memory":
+            drop_shard_only("in memory")
+            frames = [frame for _, frame in source.iter_frames()]
+            frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+            target = source.target if source.target is None or isinstance(source.target, str) else list(source.target)
+            feed = in_memory(frame, target, **options)
+        else:
+            feed = stream(source, y if isinstance(x, ShardSource) else None, **options)
+    elif isinstance(x, (pd.DataFrame, pd.Series, np.ndarray, Mapping, tuple, list, InMemoryData)):
+        if strategy == "stream":
+            logger.info("the data is already in memory, so it is sliced in memory rather than streamed")
+        drop_shard_only("for in-memory data")
+        feed = in_memory(x, y, **options)
+    else:
+        raise DataError(
+            f"Unrecognized data type: x={reprlib.repr(x)} (of type {type(x)}). Expected a pandas DataFrame, "
+            "a numpy array, a dict/tuple of arrays, or a directory/glob/file of CSV or Parquet shards."
+        )
+    if validation_split is not None:
+        return feed.split(validation_split, seed=seed)
+    return feed

@@ -40,8 +40,8 @@ import keras
 import numpy as np
 
 from autobatch._distribute import Layout, current_strategy, strategy_layout
-from autobatch.errors import AutobatchError, ConfigError, PreprocessError
-from autobatch.feeds.base import BaseFeed, _map_leaves
+from autobatch.errors import AutobatchError, ConfigError
+from autobatch.feeds.base import BaseFeed
 from autobatch.feeds.shards import ShardFeed
 from autobatch.probe import TensorSpec
 
@@ -318,15 +318,7 @@ def distribute_feed(
     flat_specs = tf.nest.flatten(signature)
 
     def as_tf(batch: tuple[Any, ...], step: int) -> tuple[Any, ...]:
-        converted = tuple(_map_leaves(part, lambda _, leaf: np.asarray(leaf), "") for part in batch)
-        for spec, array in zip(flat_specs, tf.nest.flatten(converted), strict=True):
-            if not spec.shape.is_compatible_with(array.shape):
-                raise PreprocessError(
-                    f"step {step} of epoch {local.epoch} gives {spec.name} the shape {array.shape}, which does not "
-                    f"fit the dataset's signature {spec.shape}. Pass output_signature=plan.probe.output_signature "
-                    "or pad that axis to a fixed length."
-                )
-        return converted
+        return local._conform(batch, flat_specs, f"step {step}")
 
     def generate() -> Iterator[tuple[Any, ...]]:
         rows_log: list[tuple[int, int]] = []

@@ -25,7 +25,6 @@ import logging
 import os
 import threading
 import warnings
-import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,7 +35,7 @@ import pandas as pd
 
 from autobatch._data import ShardInfo, ShardSource, read_shard, shard_info
 from autobatch.errors import ConfigError, DataError
-from autobatch.feeds.base import BaseFeed, RawBatch, check_fraction
+from autobatch.feeds.base import BackgroundReader, BaseFeed, RawBatch, check_fraction
 
 logger = logging.getLogger(__name__)
 
@@ -194,33 +193,24 @@ class ShardFeed(BaseFeed):
     # ------------------------------------------------------------------ runtime state
 
     def _runtime_keys(self) -> tuple[str, ...]:
-        return (*super()._runtime_keys(), "_cache", "_executor", "_last_index", "_loads", "_warned_reread", "_layout")
+        return (*super()._runtime_keys(), "_cache", "_reader", "_last_index", "_loads", "_warned_reread", "_layout")
 
     def _init_runtime(self) -> None:
         super()._init_runtime()
         self._cache: OrderedDict[tuple[int, int], concurrent.futures.Future[_LoadedShard]] = OrderedDict()
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._reader = BackgroundReader(self, "autobatch-shards")
         self._last_index: int | None = None
         self._loads: dict[tuple[int, int], int] = {}
         self._warned_reread = False
         self._layout: tuple[int, np.ndarray, np.ndarray] | None = None
 
-    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="autobatch-shards")
-            # Stop the reader thread when the feed is garbage-collected, without waiting for it.
-            weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
-        return self._executor
-
     def close(self) -> None:
         """Drop the loaded shards and stop the background reader (a later batch restarts it)."""
         with self._lock:
             cache, self._cache = self._cache, OrderedDict()
-            executor, self._executor = self._executor, None
         for future in cache.values():
             future.cancel()
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+        self._reader.stop()
 
     # ------------------------------------------------------------------ epochs
 
@@ -312,7 +302,7 @@ class ShardFeed(BaseFeed):
         keys = [(epoch, int(order[s])) for s in slots]
         ahead = [(epoch, int(order[s])) for s in prefetch]
         with self._lock:
-            pool = self._pool()
+            pool = self._reader.pool()
             rereads = []
             for key in keys + ahead:
                 if key not in self._cache:

@@ -29,7 +29,6 @@ import dataclasses
 import logging
 import os
 import threading
-import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -47,7 +46,7 @@ from autobatch._lengths import (
     shard_lengths,
 )
 from autobatch.errors import ConfigError, DataError
-from autobatch.feeds.base import BaseFeed, RawBatch, check_fraction
+from autobatch.feeds.base import BackgroundReader, BaseFeed, RawBatch, build_feed, check_fraction
 from autobatch.feeds.in_memory import InMemoryFeed
 from autobatch.feeds.shards import ShardIndex, _concat
 
@@ -391,28 +390,20 @@ class SizeAwareShardFeed(BaseFeed):
     # ------------------------------------------------------------------ runtime state
 
     def _runtime_keys(self) -> tuple[str, ...]:
-        return (*super()._runtime_keys(), "_plan", "_state", "_executor", "_state_lock")
+        return (*super()._runtime_keys(), "_plan", "_state", "_reader", "_state_lock")
 
     def _init_runtime(self) -> None:
         super()._init_runtime()
         self._plan: tuple[int, _ShardEpoch] | None = None
         self._state: dict[str, Any] = {}
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._reader = BackgroundReader(self, "autobatch-sized")
         self._state_lock = threading.RLock()
-
-    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="autobatch-sized")
-            weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
-        return self._executor
 
     def close(self) -> None:
         """Drop what is held and stop the background reader."""
         with self._state_lock:
             self._state = {}
-            executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+        self._reader.stop()
 
     @property
     def n_samples(self) -> int:
@@ -530,9 +521,9 @@ class SizeAwareShardFeed(BaseFeed):
     def _loaded(self, slot: int, plan: _ShardEpoch) -> tuple[pd.DataFrame, Any, np.ndarray | None]:
         futures: dict[int, concurrent.futures.Future[Any]] = self._state.setdefault("futures", {})
         if slot not in futures:
-            futures[slot] = self._pool().submit(self._read, int(plan.files[slot]))
+            futures[slot] = self._reader.pool().submit(self._read, int(plan.files[slot]))
         if self.read_ahead and slot + 1 < len(plan.files) and slot + 1 not in futures:
-            futures[slot + 1] = self._pool().submit(self._read, int(plan.files[slot + 1]))
+            futures[slot + 1] = self._reader.pool().submit(self._read, int(plan.files[slot + 1]))
         return futures[slot].result()
 
     def _rows(self, lo: int, hi: int, index: int) -> RawBatch:
@@ -704,40 +695,11 @@ def make_size_aware_feed(
         ConfigError: an option is out of range.
         DataError: ``x`` is of an unrecognized type or the data is bad.
     """
-    from autobatch._loading import is_callable_spec, resolve_callable
-
-    if strategy not in ("auto", "in_memory", "stream"):
-        raise ConfigError(f'`strategy` must be "auto", "in_memory" or "stream". Received: strategy={strategy!r}')
     common = dict(boundaries=boundaries, batch_sizes=batch_sizes, preprocess=preprocess, shuffle=shuffle, seed=seed)
-    if isinstance(x, (str, os.PathLike)) and is_callable_spec(str(x)):
-        loaded = resolve_callable(str(x), what="data")()
-        if not isinstance(loaded, tuple) or len(loaded) != 2:
-            raise DataError(f"data function {str(x)!r} must return (x, y); it returned {type(loaded).__name__}.")
-        x, y = loaded
-    feed: BaseFeed
-    if isinstance(x, (str, os.PathLike, ShardSource)):
-        source = x if isinstance(x, ShardSource) else ShardSource.from_spec(x, y)
-        if strategy == "in_memory":
-            for name in ("read_ahead", "index"):
-                options.pop(name, None)
-            frames = [frame for _, frame in source.iter_frames()]
-            frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
-            target = source.target if source.target is None or isinstance(source.target, str) else list(source.target)
-            feed = SizeAwareFeed(frame, target, **common, **options)
-        else:
-            feed = SizeAwareShardFeed(source, y if isinstance(x, ShardSource) else None, **common, **options)
-    elif isinstance(x, (pd.DataFrame, dict)):
-        for name in ("read_ahead", "index"):
-            options.pop(name, None)
-        feed = SizeAwareFeed(x, y, **common, **options)
-    else:
-        raise DataError(
-            f"Unrecognized data type for size-aware batching: x of type {type(x)}. Expected a pandas DataFrame, a dict "
-            "of columns, or a directory/glob/file of CSV or Parquet shards."
-        )
-    if validation_split is not None:
-        return feed.split(validation_split, seed=seed)
-    return feed
+    return build_feed(
+        x, y, strategy=strategy, in_memory=SizeAwareFeed, stream=SizeAwareShardFeed, options={**common, **options},
+        validation_split=validation_split, seed=seed,
+    )
 
 
 def bucket_by_sequence_length(
