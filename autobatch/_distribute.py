@@ -233,7 +233,7 @@ def device_gpu_budgets(
 def _reason(plan: Plan) -> str:
     if plan.limited_by in ("host memory", "gpu memory"):
         return plan.limited_by.split()[0]
-    if "ran out of memory" in plan.limited_by:
+    if "ran out of memory" in plan.limited_by or plan.limited_by == "confirming trials":
         return "trial"
     if plan.limited_by == "max_batch_size":
         return "max_batch_size"

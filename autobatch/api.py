@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_CONFIRMATIONS = 6
+CONFIRM_SLACK = 1.03
+"""A plan within 3% above a batch a trial confirmed takes that batch instead of running one more trial."""
 
 
 def _budget_bucket(budgets: Sequence[Budget]) -> str:
@@ -61,7 +64,7 @@ def confirm_plan(
     chosen = make_plan(result, budgets, max_batch_size=cap_for(result), **options)
     for _ in range(MAX_CONFIRMATIONS):
         if chosen.confirmed:
-            return chosen, result
+            return _trial_capped(chosen, user_cap), result
         host = chosen.budget("host")
         if host is None:
             break
@@ -69,12 +72,29 @@ def confirm_plan(
         logger.info("confirming batch %d with a real trial", chosen.batch_size)
         result = prober.confirm(result, chosen.batch_size, rss_limit_bytes=max(host.usable_bytes - extras, 1))
         chosen = make_plan(result, budgets, max_batch_size=cap_for(result), **options)
+        fitted = max((t.batch_size for t in result.trials if t.fits and t.batch_size <= chosen.batch_size), default=0)
+        if not chosen.confirmed and chosen.batch_size <= CONFIRM_SLACK * fitted:
+            # The new point nudged the line up by a few samples: take the size a trial confirmed, not another trial.
+            cap = fitted if user_cap is None else min(fitted, user_cap)
+            chosen = make_plan(result, budgets, max_batch_size=cap, **options)
     if not chosen.confirmed:
         fitting = [t.batch_size for t in result.trials if t.fits and t.batch_size <= chosen.batch_size]
         if fitting:
             cap = max(fitting) if user_cap is None else min(max(fitting), user_cap)
             chosen = make_plan(result, budgets, max_batch_size=cap, **options)
-    return chosen, result
+    return _trial_capped(chosen, user_cap), result
+
+
+def _trial_capped(plan: Plan, user_cap: int | None) -> Plan:
+    """Name the confirming trials, not ``max_batch_size``, when they (not the user) capped the plan."""
+    if plan.limited_by != "max_batch_size" or (user_cap is not None and plan.batch_size >= user_cap):
+        return plan
+    why = "the confirming trials (the largest batch a real trial fitted, below one that did not or just under the fit)"
+    return dataclasses.replace(
+        plan,
+        limited_by="confirming trials",
+        explanation=plan.explanation.replace("limited by max_batch_size", f"limited by {why}", 1),
+    )
 
 
 def plan(

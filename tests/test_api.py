@@ -134,7 +134,9 @@ def test_planned_batch_keeps_a_real_training_run_under_the_limit(long_frame_path
         in_process=False,  # the training run is another process, as with the CLI
     )
     # Memory is the limit: the fitted line, or a confirming trial that the watchdog stopped at the limit.
-    assert plan.confirmed and (plan.limited_by == "host memory" or "ran out of memory" in plan.limited_by), plan.explanation
+    assert plan.confirmed and (
+        plan.limited_by in ("host memory", "confirming trials") or "ran out of memory" in plan.limited_by
+    ), plan.explanation
     assert 1 < plan.batch_size < len(frame)
     script = tmp_path / "train.py"
     examples = str(canonical.__file__).rsplit("/", 1)[0]
@@ -490,7 +492,22 @@ def test_fit_on_the_example_keeps_the_process_peak_under_ram_limit(tmp_path):
         f"autobatch.fit at batch {result['batch']} ({result['limited_by']}): VmHWM {result['vmhwm'] / MiB:.0f} MiB, "
         f"predicted {result['predicted'] / MiB:.0f} MiB, ram_limit {limit / MiB:.0f} MiB"
     )
-    assert result["limited_by"] == "host memory" or "ran out of memory" in result["limited_by"], result
+    limited = result["limited_by"]
+    assert limited in ("host memory", "confirming trials") or "ran out of memory" in limited, result
     assert result["vmhwm"] < limit, result
     assert result["vmhwm"] > 0.6 * result["predicted"], "the prediction is honest, not wildly conservative"
     assert result["monitor_peak"] == result["vmhwm"], "the monitor reports the same peak"
+
+
+def test_a_plan_nudged_just_above_a_confirmed_batch_takes_it_instead_of_trialling_again():
+    # Concave memory (allocator reuse at larger batches): each fitting trial lowers the slope a little,
+    # so every re-plan lands a few samples above the last confirmed batch.
+    def concave(b):
+        return 600 * MiB + 0.3 * MiB * b - 0.00004 * MiB * b * b
+
+    prober = FakeProber(concave)
+    probed = _base(StepTrial(b, int(concave(b))) for b in (8, 32, 128))
+    plan, final = confirm_plan(prober, probed, [Budget("host", 1024 * MiB, "test")], safety=0.1, queue_batches=0)
+    assert plan.confirmed and plan.batch_size == max(t.batch_size for t in final.trials if t.fits)
+    assert len(prober.tried) <= 2, prober.tried
+    assert plan.limited_by == "confirming trials" and "max_batch_size" not in plan.explanation
