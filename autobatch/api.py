@@ -143,8 +143,10 @@ def plan(
         cache: reuse an identical earlier probe (same data, preprocess, model, device, budget).
         cache_dir: where the cache lives.
         in_process: training will run in this process, so what it already holds beyond
-            the probe child's runtime, model and the dataset is budgeted too. The CLI,
-            planning for another process, passes ``False``.
+            the probe child's runtime, model and the dataset is budgeted too, and the
+            margin covers the predicted growth. ``False`` (the CLI) plans for a training
+            process autobatch does not run — its own loop may hold more than the trials'
+            ``model.fit`` — so the margin is ``safety`` × the whole budget.
         strategy: a ``tf.distribute`` strategy to plan for; default: the one whose
             ``scope()`` is active, if any. Then ``batch_size`` (and ``max_batch_size``) are
             per replica: each replica's own device budget (GPU) and its share of its host's
@@ -193,6 +195,7 @@ def plan(
         multiple_of=multiple_of,
         queue_batches=queue_batches,
         target_batch_size=target_batch_size,
+        margin_on="growth" if in_process else "budget",
     )
     run = dict(confirm=confirm, cache=cache, cache_dir=cache_dir, in_process=in_process, probe_options=probe_options)
     if layout is None:
@@ -639,6 +642,7 @@ def plan_size_aware(
     if gpu is not None:
         budgets.append(gpu)
     options: dict[str, Any] = dict(
+        margin_on="growth" if in_process else "budget",
         buckets=buckets, safety=safety, max_batch_size=max_batch_size, queue_batches=queue_batches
     )
     # The grid replaces the fixed-batch trials: one small trial gives the runtime's baseline and the signature.

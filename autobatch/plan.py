@@ -251,22 +251,33 @@ Part = tuple[str, float, float]
 """One named part of a peak line: (name, bytes, bytes per sample)."""
 
 
-def _margin(parts: Sequence[Part], safety: float) -> tuple[float, float]:
-    """(intercept, slope) of the safety margin over ``parts``: all growth, and the fixed bytes not measured."""
-    fixed = sum(pa for name, pa, _ in parts if name not in _MEASURED_PARTS)
-    return safety * fixed, safety * sum(ps for _, _, ps in parts)
+MarginOn = Literal["growth", "budget"]
+"""What the safety margin is a fraction of: the predicted growth (training runs as the trials did) or the whole budget."""
 
 
-def _allowed(limit: float, a: float, s: float, parts: Sequence[Part], safety: float) -> int | None:
+@dataclasses.dataclass(frozen=True)
+class _Margin:
+    safety: float
+    on: MarginOn = "growth"
+
+    def line(self, parts: Sequence[Part], limit: float) -> tuple[float, float]:
+        """(intercept, slope) of the margin over ``parts``: growth and fixed bytes not measured, or the budget."""
+        if self.on == "budget":
+            return self.safety * limit, 0.0
+        fixed = sum(pa for name, pa, _ in parts if name not in _MEASURED_PARTS)
+        return self.safety * fixed, self.safety * sum(ps for _, _, ps in parts)
+
+
+def _allowed(limit: float, a: float, s: float, parts: Sequence[Part], margin: _Margin) -> int | None:
     """The largest batch whose predicted peak plus its safety margin fits ``limit`` (``None``: unbounded)."""
-    ma, ms = _margin(parts, safety)
+    ma, ms = margin.line(parts, limit)
     return _max_batch(a + ma, s + ms, limit)
 
 
-def _budget_use(budget: Budget, a: float, s: float, parts: Sequence[Part], safety: float, batch: int) -> BudgetUse:
+def _budget_use(budget: Budget, a: float, s: float, parts: Sequence[Part], margin: _Margin, batch: int) -> BudgetUse:
     """How ``budget`` is used at ``batch`` by the peak line ``a + s·b`` made of ``parts``."""
     b = max(batch, 1)
-    ma, ms = _margin(parts, safety)
+    ma, ms = margin.line(parts, budget.limit_bytes)
     kept = int(round(ma + ms * b))
     return BudgetUse(
         budget=budget,
@@ -274,7 +285,7 @@ def _budget_use(budget: Budget, a: float, s: float, parts: Sequence[Part], safet
         margin_bytes=kept,
         predicted_peak_bytes=int(round(a + s * b)),
         components=tuple((name, int(round(pa + ps * b))) for name, pa, ps in parts),
-        max_batch_size=_allowed(budget.limit_bytes, a, s, parts, safety),
+        max_batch_size=_allowed(budget.limit_bytes, a, s, parts, margin),
     )
 
 
@@ -321,6 +332,7 @@ def make_plan(
     read_ahead_shards: int = 1,
     target_batch_size: int | None = None,
     process_extra_bytes: int = 0,
+    margin_on: MarginOn = "growth",
 ) -> Plan:
     """Choose the largest batch size whose predicted peak fits every budget.
 
@@ -332,6 +344,9 @@ def make_plan(
             this process's extra), so 0.1 plans 10% more memory for them than
             predicted. The measured runtime/model/optimizer and the exact dataset
             bytes get no margin.
+        margin_on: ``"growth"`` (above) when training runs as the trials did
+            (``autobatch.fit``); ``"budget"``: ``safety`` × the whole budget, for a
+            training process autobatch does not run (its own loop may hold more).
         max_batch_size: never plan a larger batch.
         multiple_of: round the batch size down to a multiple of this.
         queue_batches: batches the feed may hold waiting (queue depth × workers).
@@ -352,6 +367,9 @@ def make_plan(
     """
     if not 0 <= safety < 1:
         raise ConfigError(f"`safety` must be in [0, 1). Received: safety={safety}")
+    if margin_on not in ("growth", "budget"):
+        raise ConfigError(f'`margin_on` must be "growth" or "budget". Received: margin_on={margin_on!r}')
+    margin = _Margin(safety, margin_on)
     if max_batch_size is not None and max_batch_size < 1:
         raise ConfigError(f"`max_batch_size` must be >= 1. Received: max_batch_size={max_batch_size}")
     if multiple_of is not None and multiple_of < 1:
@@ -391,7 +409,7 @@ def make_plan(
         if failed is not None:
             caps.append((failed - 1, f"a real trial at batch {failed} that ran out of memory"))
         for budget, usable, a, s, parts in lines:
-            most = _allowed(usable, a, s, parts, safety)
+            most = _allowed(usable, a, s, parts, margin)
             if most is not None:
                 caps.append((most, f"{budget.kind} memory"))
         batch, limited_by = min(caps, key=lambda c: c[0])
@@ -400,7 +418,7 @@ def make_plan(
         return batch, limited_by
 
     def uses_at(lines: list[tuple[Budget, float, float, float, list[Any]]], batch: int) -> list[BudgetUse]:
-        return [_budget_use(budget, a, s, parts, safety, batch) for budget, _, a, s, parts in lines]
+        return [_budget_use(budget, a, s, parts, margin, batch) for budget, _, a, s, parts in lines]
 
     strategy: Strategy = "in_memory"
     lines = lines_for("in_memory", False)
@@ -454,8 +472,8 @@ def make_plan(
         explanation = (
             f"batch {batch:,} is limited by {binding.budget.kind} memory: predicted "
             f"{format_bytes(binding.predicted_peak_bytes)} of {format_bytes(binding.budget.limit_bytes)} "
-            f"({binding.budget.source}), keeping a {safety:.0%} margin on the predicted growth "
-            f"({format_bytes(binding.margin_bytes)})"
+            f"({binding.budget.source}), keeping a {safety:.0%} margin on the "
+            f"{'predicted growth' if margin_on == 'growth' else 'whole budget'} ({format_bytes(binding.margin_bytes)})"
         )
     else:
         host = uses[0] if uses else None
@@ -801,6 +819,7 @@ def make_bucket_plan(
     queue_batches: int = 2,
     read_ahead_shards: int = 1,
     process_extra_bytes: int = 0,
+    margin_on: MarginOn = "growth",
 ) -> BucketPlan:
     """Choose, per length bucket, the largest batch whose predicted peak fits every budget.
 
@@ -830,6 +849,7 @@ def make_bucket_plan(
     """
     if not 0 <= safety < 1:
         raise ConfigError(f"`safety` must be in [0, 1). Received: safety={safety}")
+    margin = _Margin(safety, margin_on)
     if max_batch_size is not None and max_batch_size < 1:
         raise ConfigError(f"`max_batch_size` must be >= 1. Received: max_batch_size={max_batch_size}")
     if queue_batches < 0:
@@ -884,7 +904,7 @@ def make_bucket_plan(
         if failed is not None:
             caps.append((failed - 1, "a real trial that ran out of memory"))
         for budget, usable, a, s, parts in lines(strategy, length):
-            allowed = _allowed(usable, a, s, parts, safety)
+            allowed = _allowed(usable, a, s, parts, margin)
             if allowed is not None:
                 caps.append((allowed, f"{budget.kind} memory"))
         if not caps:
@@ -923,10 +943,10 @@ def make_bucket_plan(
             )
     worst = made[-1]
     if worst.batch_size < 1:
-        line = next((ln for ln in lines(strategy, worst.hi) if _allowed(ln[1], ln[2], ln[3], ln[4], safety) == 0), None)
+        line = next((ln for ln in lines(strategy, worst.hi) if _allowed(ln[1], ln[2], ln[3], ln[4], margin) == 0), None)
         line = line or lines(strategy, worst.hi)[0]
         parts = ", ".join(f"{name} {format_bytes(a + s)}" for name, a, s in line[4])
-        one = _budget_use(line[0], line[2], line[3], line[4], safety, 1)
+        one = _budget_use(line[0], line[2], line[3], line[4], margin, 1)
         raise BudgetError(
             f"the {line[0].kind} budget cannot hold even one sample of length {worst.hi}: a batch of 1 needs "
             f"{format_bytes(line[2] + line[3])} ({parts}), but {line[0]} with a {safety:.0%} safety margin "
@@ -943,7 +963,7 @@ def make_bucket_plan(
     speedup = fixed_seconds / seconds if seconds > 0 else float("inf")
     demanding = max(made, key=lambda b: (b.predicted_peak_bytes, b.batch_size * b.hi))
     uses = [
-        _budget_use(budget, a, s, parts, safety, demanding.batch_size)
+        _budget_use(budget, a, s, parts, margin, demanding.batch_size)
         for budget, _, a, s, parts in lines(strategy, demanding.hi)
     ]
     timing = "the trials' step times" if sized.step_seconds else "padded tokens (no step times measured)"

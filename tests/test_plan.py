@@ -181,3 +181,15 @@ def test_prime_target_uses_the_fewest_steps_that_reach_it():
     plan = make_plan(r, [host(2048 * MiB)], target_batch_size=4099)  # prime: no exact split
     assert plan.effective_batch_size >= 4099
     assert plan.effective_batch_size - 4099 < plan.gradient_accumulation_steps
+
+
+def test_a_margin_on_the_whole_budget_for_training_autobatch_does_not_run():
+    r = result()
+    plan = make_plan(r, [host(2048 * MiB)], safety=0.1, margin_on="budget")
+    usable = 2048 * MiB * 0.9
+    assert predicted_host(r, plan.batch_size) <= usable < predicted_host(r, plan.batch_size + 1)
+    assert plan.budget("host").margin_bytes == int(round(0.1 * 2048 * MiB))
+    assert "10% margin on the whole budget" in plan.explanation
+    assert plan.batch_size < make_plan(r, [host(2048 * MiB)], safety=0.1).batch_size
+    with pytest.raises(ConfigError):
+        make_plan(r, [host(2048 * MiB)], margin_on="all")
