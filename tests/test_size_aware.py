@@ -523,3 +523,23 @@ def test_a_trial_stopped_at_the_limit_bounds_the_line_but_does_not_bend_it():
     above = GridTrial(8, 64, int(650 * MiB), fits=False, note="; stopped")  # above the line: lifts the intercept
     lifted = fit_length_model([*fitted, above])
     assert lifted.intercept_bytes >= 650 * MiB - 1000.0 * 8 * 64 - 1
+
+
+def test_a_split_shard_feed_recomputes_its_own_overflow_bucket(tmp_path):
+    from autobatch._data import ShardSource
+    from autobatch.feeds.size_aware import SizeAwareShardFeed
+
+    frame = heavy_frame(600, seed=4)
+    files = []
+    for i, part in enumerate(np.array_split(np.arange(len(frame)), 6)):
+        frame.iloc[part].to_parquet(tmp_path / f"{i}.parquet", index=False)
+        files.append(tmp_path / f"{i}.parquet")
+    feed = SizeAwareShardFeed(
+        ShardSource(tuple(files), "label"), boundaries=[32, 64, 256], batch_sizes=[64, 32, 8],
+        preprocess=pad_seq, output_signature=SIGNATURE,
+    )
+    assert feed.boundaries.tolist()[:3] == [32, 64, 256] and feed.boundaries[-1] == frame["seq"].map(len).max()
+    for part in feed.split(0.3):
+        longest = max(int(pd.read_parquet(path)["seq"].map(len).max()) for path in part.files)
+        expected = [32, 64, 256] + ([longest] if longest > 256 else [])
+        assert part.boundaries.tolist() == expected, (part.boundaries, longest)

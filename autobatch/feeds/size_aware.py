@@ -379,6 +379,7 @@ class SizeAwareShardFeed(BaseFeed):
                 )
         self.sequence_columns = columns
         all_lengths = np.concatenate([self._lengths[str(p)] for p in self.source.files])
+        self._planned_buckets = len(bounds)  # an overflow bucket is per feed: a split recomputes its own
         bucket_of, self.boundaries, self.batch_sizes = assign_buckets(all_lengths, bounds, sizes)
         cuts = np.cumsum([s.n_rows for s in self.shards])[:-1]
         self._bucket_of = np.split(bucket_of, cuts)
@@ -637,7 +638,7 @@ class SizeAwareShardFeed(BaseFeed):
         options = {**self._options(), **overrides}
         options.pop("batch_size", None)
         options.pop("drop_remainder", None)
-        planned = len(self.boundaries)
+        planned = self._planned_buckets
         return SizeAwareShardFeed(
             dataclasses.replace(self.source, files=tuple(files)),
             boundaries=self.boundaries[:planned].tolist(),
