@@ -97,6 +97,52 @@ def _concat(parts: list[Any]) -> Any:
     return np.concatenate(parts)
 
 
+
+def open_shards(
+    source: str | os.PathLike[str] | ShardSource, target: str | Sequence[str] | None, index: ShardIndex | None
+) -> tuple[ShardSource, ShardIndex, tuple[ShardInfo, ...]]:
+    """The shard source (with ``target``), the row-count index, and each file's :class:`ShardInfo`."""
+    resolved = source if isinstance(source, ShardSource) else ShardSource.from_spec(source, target)
+    if isinstance(source, ShardSource) and target is not None:
+        resolved = dataclasses.replace(resolved, target=target if isinstance(target, str) else tuple(target))
+    index = index if index is not None else ShardIndex()
+    return resolved, index, tuple(index.info(path) for path in resolved.files)
+
+
+def hold_out_shards(
+    shards: Sequence[ShardInfo], validation_split: float, seed: int
+) -> tuple[list[Path], list[Path]]:
+    """``(train_files, validation_files)``: whole shards, about ``validation_split`` of the rows held out.
+
+    Shards are drawn in a random order fixed by ``seed`` and held out while that
+    brings the held-out rows closer to the fraction; each side gets at least one.
+
+    Raises:
+        ConfigError: the fraction is out of range, or there is only one shard.
+    """
+    fraction = check_fraction(validation_split)
+    n_files = len(shards)
+    if n_files < 2:
+        raise ConfigError(
+            f"a streaming validation split holds out whole shards, so it needs at least 2; received 1 shard "
+            f"({str(shards[0].path)!r}). Write more, smaller shards or load the data in memory."
+        )
+    counts = np.array([s.n_rows for s in shards], dtype=np.int64)
+    chosen = np.random.default_rng([seed, 1]).permutation(n_files)
+    held = np.cumsum(counts[chosen])
+    # Number of held-out shards whose rows come closest to the target, leaving both sides non-empty.
+    k = 1 + int(np.argmin(np.abs(held[: n_files - 1] - fraction * counts.sum())))
+    val_set = set(chosen[:k].tolist())
+    val_rows = int(held[k - 1])
+    logger.info(
+        "validation split: %d shard(s) (%d rows, %.1f%%) held out of %d", k, val_rows, 100 * val_rows / counts.sum(),
+        n_files,
+    )
+    val_files = [s.path for i, s in enumerate(shards) if i in val_set]
+    train_files = [s.path for i, s in enumerate(shards) if i not in val_set]
+    return train_files, val_files
+
+
 class ShardFeed(BaseFeed):
     """Batches streamed from CSV or Parquet shard files, every row exactly once per epoch.
 
@@ -143,13 +189,9 @@ class ShardFeed(BaseFeed):
             raise ConfigError(
                 f"`read_ahead` must be an int >= 0 (files loaded ahead). Received: read_ahead={read_ahead!r}"
             )
-        self.source = source if isinstance(source, ShardSource) else ShardSource.from_spec(source, target)
-        if isinstance(source, ShardSource) and target is not None:
-            self.source = dataclasses.replace(self.source, target=target if isinstance(target, str) else tuple(target))
+        self.source, self._index, self.shards = open_shards(source, target, index)
         self.read_ahead = read_ahead
         self.sample_weight = sample_weight
-        self._index = index if index is not None else ShardIndex()
-        self.shards: tuple[ShardInfo, ...] = tuple(self._index.info(path) for path in self.source.files)
         self._validate_columns()
         self._counts = np.array([s.n_rows for s in self.shards], dtype=np.int64)
         if self.drop_remainder and self.n_samples < self.batch_size:
@@ -409,29 +451,7 @@ class ShardFeed(BaseFeed):
         Raises:
             ConfigError: the fraction is out of range, or there is only one shard.
         """
-        fraction = check_fraction(validation_split)
-        n_files = len(self.shards)
-        if n_files < 2:
-            raise ConfigError(
-                f"a streaming validation split holds out whole shards, so it needs at least 2; received 1 shard "
-                f"({str(self.shards[0].path)!r}). Write more, smaller shards or load the data in memory."
-            )
-        chosen = np.random.default_rng([self.seed if seed is None else seed, 1]).permutation(n_files)
-        target_rows = fraction * self.n_samples
-        held = np.cumsum(self._counts[chosen])
-        # Number of held-out shards whose rows come closest to the target, leaving both sides non-empty.
-        k = 1 + int(np.argmin(np.abs(held[: n_files - 1] - target_rows)))
-        val_set = set(chosen[:k].tolist())
-        val_files = [s.path for i, s in enumerate(self.shards) if i in val_set]
-        train_files = [s.path for i, s in enumerate(self.shards) if i not in val_set]
-        val_rows = int(held[k - 1])
-        logger.info(
-            "validation split: %d shard(s) (%d rows, %.1f%%) held out of %d",
-            k,
-            val_rows,
-            100 * val_rows / self.n_samples,
-            n_files,
-        )
+        train_files, val_files = hold_out_shards(self.shards, validation_split, self.seed if seed is None else seed)
         return self._derive(train_files), self._derive(val_files, shuffle=False, drop_remainder=False)
 
     def __repr__(self) -> str:

@@ -46,9 +46,9 @@ from autobatch._lengths import (
     shard_lengths,
 )
 from autobatch.errors import ConfigError, DataError
-from autobatch.feeds.base import BackgroundReader, BaseFeed, RawBatch, build_feed, check_fraction
+from autobatch.feeds.base import BackgroundReader, BaseFeed, RawBatch, build_feed
 from autobatch.feeds.in_memory import InMemoryFeed
-from autobatch.feeds.shards import ShardIndex, _concat
+from autobatch.feeds.shards import ShardIndex, _concat, hold_out_shards, open_shards
 
 logger = logging.getLogger(__name__)
 
@@ -354,13 +354,9 @@ class SizeAwareShardFeed(BaseFeed):
         super().__init__(batch_size=int(sizes.max()), **options)
         if isinstance(read_ahead, bool) or read_ahead not in (0, 1):
             raise ConfigError(f"`read_ahead` must be 0 or 1 for a size-aware shard feed. Received: {read_ahead!r}")
-        self.source = source if isinstance(source, ShardSource) else ShardSource.from_spec(source, target)
-        if isinstance(source, ShardSource) and target is not None:
-            self.source = dataclasses.replace(self.source, target=target if isinstance(target, str) else tuple(target))
+        self.source, self._index, self.shards = open_shards(source, target, index)
         self.read_ahead = read_ahead
         self.sample_weight = sample_weight
-        self._index = index if index is not None else ShardIndex()
-        self.shards = tuple(self._index.info(path) for path in self.source.files)
         self._length_fn = length_fn
         known = lengths or {}
         missing = [p for p in self.source.files if str(p) not in known]
@@ -618,20 +614,7 @@ class SizeAwareShardFeed(BaseFeed):
         self, validation_split: float, *, seed: int | None = None
     ) -> tuple[SizeAwareShardFeed, SizeAwareShardFeed]:
         """Hold out whole shards, about ``validation_split`` of the rows, as a validation feed (never shuffled)."""
-        fraction = check_fraction(validation_split)
-        n_files = len(self.shards)
-        if n_files < 2:
-            raise ConfigError(
-                f"a streaming validation split holds out whole shards, so it needs at least 2; received 1 shard "
-                f"({str(self.shards[0].path)!r}). Write more, smaller shards or load the data in memory."
-            )
-        chosen = np.random.default_rng([self.seed if seed is None else seed, 1]).permutation(n_files)
-        counts = np.array([s.n_rows for s in self.shards])
-        held = np.cumsum(counts[chosen])
-        k = 1 + int(np.argmin(np.abs(held[: n_files - 1] - fraction * self.n_samples)))
-        val_set = set(chosen[:k].tolist())
-        val = [s.path for i, s in enumerate(self.shards) if i in val_set]
-        train = [s.path for i, s in enumerate(self.shards) if i not in val_set]
+        train, val = hold_out_shards(self.shards, validation_split, self.seed if seed is None else seed)
         return self._derive(train), self._derive(val, shuffle=False)
 
     def _derive(self, files: Sequence[Path], **overrides: Any) -> SizeAwareShardFeed:
