@@ -270,7 +270,8 @@ def read_shard(path: Path, *, columns: Sequence[str] | None = None) -> pd.DataFr
         raise DataError(f"shard {str(path)!r} is an empty (zero-byte) file.")
     try:
         if shard_format(path) == "parquet":
-            frame = pd.read_parquet(path)
+            # One thread: shards are read in the background while training keeps every core busy.
+            frame = pd.read_parquet(path, use_threads=False)
         else:
             frame = pd.read_csv(path)
     except Exception as exc:  # pandas/pyarrow raise many types; all mean "cannot parse this file"

@@ -105,7 +105,7 @@ def plan(
     model: Any = None,
     ram_limit: int | str | None = None,
     gpu_limit: int | str | None = None,
-    safety: float = 0.1,
+    safety: float | None = None,
     max_batch_size: int | None = None,
     multiple_of: int | None = None,
     target_batch_size: int | None = None,
@@ -133,7 +133,8 @@ def plan(
             default: free RAM capped by the cgroup limit.
         gpu_limit: device memory one replica may use; default: free GPU memory.
         safety: margin kept free on top of the predicted growth: ``safety`` × what grows with
-            the batch and what is estimated rather than measured (see :func:`make_plan`).
+            the batch and what is estimated rather than measured (see :func:`make_plan`);
+            default 0.05, or 0.1 of the whole budget with ``in_process=False``.
         max_batch_size: never plan a larger batch.
         multiple_of: round the batch size down to a multiple of this.
         target_batch_size: the batch the optimisation should see; kept by gradient
@@ -341,7 +342,7 @@ def fit(
     validation_split: float | None = None,
     ram_limit: int | str | None = None,
     gpu_limit: int | str | None = None,
-    safety: float = 0.1,
+    safety: float | None = None,
     max_batch_size: int | None = None,
     target_batch_size: int | None = None,
     callbacks: Sequence[Any] | None = None,
@@ -378,7 +379,8 @@ def fit(
         ram_limit: peak host RAM the training process may use; default free RAM, cgroup-capped.
         gpu_limit: device memory one replica may use; default free GPU memory.
         safety: margin kept free on top of the predicted growth: ``safety`` × what grows with
-            the batch and what is estimated rather than measured (see :func:`make_plan`).
+            the batch and what is estimated rather than measured (see :func:`make_plan`);
+            default 0.05.
         max_batch_size: never train on larger batches.
         target_batch_size: the batch size the optimisation should see; kept by gradient
             accumulation when it does not fit (never silently smaller).
@@ -588,7 +590,7 @@ def plan_size_aware(
     model: Any = None,
     ram_limit: int | str | None = None,
     gpu_limit: int | str | None = None,
-    safety: float = 0.1,
+    safety: float | None = None,
     max_batch_size: int | None = None,
     buckets: int | Sequence[int] = 8,
     sequence_columns: Sequence[str] | None = None,

@@ -72,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--ram-limit", help="peak host RAM for training, e.g. 8GiB (default: free RAM, cgroup-capped)")
     probe.add_argument("--gpu-limit", help="device memory per replica, e.g. 16GiB (default: free GPU memory)")
     probe.add_argument(
-        "--safety", type=_fraction, default=0.1,
-        help="margin on the predicted growth of memory with the batch (default 0.1: 10%%)",
+        "--safety", type=_fraction, default=None,
+        help="margin kept free, a fraction of the whole budget (default 0.1: 10%%): the training loop is yours, "
+        "so it may hold more than the trials measured",
     )
     probe.add_argument("--max-batch-size", type=_positive_int)
     probe.add_argument("--multiple-of", type=_positive_int, help="round the batch size down to a multiple of N")

@@ -6,9 +6,9 @@ multiple of 64) bounds the number of distinct shapes while wasting little.
 
 The semantics follow ``keras.utils.pad_sequences`` where they overlap
 (``maxlen``, ``truncating``, ``padding``, ``value``, ``dtype``), except that
-``padding`` defaults to ``"post"`` as most sequence models expect. The work is
-vectorised: all sequences are concatenated once and scattered into a
-preallocated array with a boolean mask, with no Python loop over elements.
+``padding`` defaults to ``"post"`` as most sequence models expect. Each
+sequence is copied into a preallocated array with one slice assignment (no
+Python loop over elements); text is split and parsed by Arrow first.
 
 Padding is consistent with the probe when the same function pads both: the
 probe's worst-case batch holds the longest rows, so padding it to the batch max
@@ -247,13 +247,7 @@ def _flatten(sequences: Any, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
                 f"sequence {i} is a scalar ({seq!r}); expected a list, an array or a string of numbers.", row=i
             )
         arrays.append(array)
-    feature_shape = next((a.shape[1:] for a in arrays if len(a)), arrays[0].shape[1:])
-    for i, array in enumerate(arrays):
-        if len(array) and array.shape[1:] != feature_shape:
-            raise DataError(
-                f"sequence {i} has feature shape {array.shape[1:]}, but the first non-empty sequence has "
-                f"{feature_shape}; every sequence must share its trailing axes."
-            )
+    feature_shape = _feature_shape(arrays)
     lengths = np.array([len(a) for a in arrays], dtype=np.int64)
     return np.concatenate([a.reshape((len(a),) + feature_shape) for a in arrays]), lengths
 
@@ -327,35 +321,71 @@ def _pad(
     if bucket is not None:
         bucket_length(1, bucket)  # validates
     dtype = np.dtype(dtype)
-    flat, lengths = _flatten(sequences, dtype)
+    cells = _numeric_cells(sequences)
+    if cells is not None:
+        lengths = np.fromiter(map(len, cells), dtype=np.int64, count=len(cells))
+        feature_shape = _feature_shape(cells)
+    else:
+        flat, lengths = _flatten(sequences, dtype)
+        feature_shape = flat.shape[1:]
+        ends = np.cumsum(lengths).tolist()
+        cells = [flat[end - k : end] for end, k in zip(ends, lengths.tolist(), strict=True)]
     n = len(lengths)
-    feature_shape = flat.shape[1:]
     longest = int(lengths.max()) if n else 0
     if bucket is None:
         length = longest if maxlen is None else int(maxlen)
     else:
         length = bucket_length(longest if maxlen is None else min(longest, int(maxlen)), bucket)
         length = length if maxlen is None else min(length, int(maxlen))
-    out = np.full((n, length) + feature_shape, value, dtype=dtype)
+    shape = (n, length) + feature_shape
+    out = np.zeros(shape, dtype=dtype) if value == 0 and not np.signbit(value) else np.full(shape, value, dtype=dtype)
     _record_truncation(lengths, length, column)
-    if n == 0 or length == 0 or not lengths.any():
+    if length == 0:
         return out
-    kept = np.minimum(lengths, length)
-    if (lengths > length).any():
-        # Position of every value inside its own sequence, to drop the truncated ones in one mask.
-        starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
-        position = np.arange(len(flat)) - starts
-        own_length = np.repeat(lengths, lengths)
-        keep = position < length if truncating == "post" else position >= own_length - length
-        flat = flat[keep]
-    columns = np.arange(length)
-    if padding == "post":
-        mask = columns[None, :] < kept[:, None]
-    else:
-        mask = columns[None, :] >= (length - kept)[:, None]
-    # A boolean mask fills in row-major order: row by row, each row's values in sequence order.
-    out[mask] = flat
+    # One slice assignment per sequence: faster than a boolean-mask scatter at every batch size measured
+    # (fewer passes over the padded array), and it copies array cells without concatenating them first.
+    for row, cell in enumerate(cells):
+        k = len(cell)
+        if k > length:
+            cell = cell[:length] if truncating == "post" else cell[k - length :]
+            k = length
+        if k:
+            if padding == "post":
+                out[row, :k] = cell
+            else:
+                out[row, length - k :] = cell
     return out
+
+
+def _numeric_cells(sequences: Any) -> list[np.ndarray] | None:
+    """The sequences themselves when every one is a numeric array of one or more axes (as ``read_parquet``
+    gives list cells), so they can be copied straight into the padded array; else ``None``."""
+    if isinstance(sequences, pd.Series):
+        if sequences.dtype != object:
+            return None
+        sequences = sequences.to_numpy()
+    if isinstance(sequences, np.ndarray):
+        if sequences.dtype != object:
+            return None
+    elif not isinstance(sequences, (list, tuple)):
+        return None
+    cells = list(sequences)
+    if not cells or not all(type(c) is np.ndarray and c.ndim and c.dtype.kind in "biuf" for c in cells):
+        return None
+    return cells
+
+
+def _feature_shape(arrays: Sequence[np.ndarray]) -> tuple[int, ...]:
+    """The trailing axes every non-empty sequence shares; a :class:`DataError` naming the first that differs."""
+    feature_shape = next((a.shape[1:] for a in arrays if len(a)), arrays[0].shape[1:])
+    for i, array in enumerate(arrays):
+        if len(array) and array.shape[1:] != feature_shape:
+            raise DataError(
+                f"sequence {i} has feature shape {array.shape[1:]}, but the first non-empty sequence has "
+                f"{feature_shape}; every sequence must share its trailing axes.",
+                row=i,
+            )
+    return feature_shape
 
 
 def pad_columns(

@@ -28,7 +28,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-from collections.abc import Sequence
+import types
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from autobatch._memory import Budget
@@ -255,10 +256,26 @@ MarginOn = Literal["growth", "budget"]
 """What the safety margin is a fraction of: the predicted growth (training runs as the trials did) or the whole budget."""
 
 
+DEFAULT_SAFETY: Mapping[MarginOn, float] = types.MappingProxyType({"growth": 0.05, "budget": 0.1})
+"""The default ``safety`` per :data:`MarginOn`. On the growth, it covers the largest prediction error measured
+end to end (1.6% of the peak, ~5% of the growth, with the prediction above the peak in every ``autobatch.fit``
+run; BENCHMARKS.md); on the budget, also memory a training loop autobatch does not run may hold."""
+
+
 @dataclasses.dataclass(frozen=True)
 class _Margin:
     safety: float
     on: MarginOn = "growth"
+
+    @classmethod
+    def of(cls, safety: float | None, on: MarginOn) -> _Margin:
+        """The margin ``safety`` × ``on``, validated; ``safety=None`` takes :data:`DEFAULT_SAFETY`."""
+        if on not in DEFAULT_SAFETY:
+            raise ConfigError(f'`margin_on` must be "growth" or "budget". Received: margin_on={on!r}')
+        safety = DEFAULT_SAFETY[on] if safety is None else safety
+        if not 0 <= safety < 1:
+            raise ConfigError(f"`safety` must be in [0, 1). Received: safety={safety}")
+        return cls(float(safety), on)
 
     def line(self, parts: Sequence[Part], limit: float) -> tuple[float, float]:
         """(intercept, slope) of the margin over ``parts``: growth and fixed bytes not measured, or the budget."""
@@ -325,7 +342,7 @@ def make_plan(
     result: ProbeResult,
     budgets: Sequence[Budget],
     *,
-    safety: float = 0.1,
+    safety: float | None = None,
     max_batch_size: int | None = None,
     multiple_of: int | None = None,
     queue_batches: int = 2,
@@ -341,9 +358,10 @@ def make_plan(
         budgets: the host budget and, on a GPU, the device budget.
         safety: margin kept free on top of the predicted growth: ``safety`` × (the
             batch-dependent bytes plus the estimated fixed parts — shards being read,
-            this process's extra), so 0.1 plans 10% more memory for them than
+            this process's extra), so 0.05 plans 5% more memory for them than
             predicted. The measured runtime/model/optimizer and the exact dataset
-            bytes get no margin.
+            bytes get no margin. Default: :data:`DEFAULT_SAFETY` for ``margin_on``
+            (0.05 of the growth, 0.1 of the budget).
         margin_on: ``"growth"`` (above) when training runs as the trials did
             (``autobatch.fit``); ``"budget"``: ``safety`` × the whole budget, for a
             training process autobatch does not run (its own loop may hold more).
@@ -365,11 +383,8 @@ def make_plan(
         ConfigError: an option is out of range.
         BudgetError: even one sample does not fit a budget.
     """
-    if not 0 <= safety < 1:
-        raise ConfigError(f"`safety` must be in [0, 1). Received: safety={safety}")
-    if margin_on not in ("growth", "budget"):
-        raise ConfigError(f'`margin_on` must be "growth" or "budget". Received: margin_on={margin_on!r}')
-    margin = _Margin(safety, margin_on)
+    margin = _Margin.of(safety, margin_on)
+    safety = margin.safety
     if max_batch_size is not None and max_batch_size < 1:
         raise ConfigError(f"`max_batch_size` must be >= 1. Received: max_batch_size={max_batch_size}")
     if multiple_of is not None and multiple_of < 1:
@@ -814,7 +829,7 @@ def make_bucket_plan(
     budgets: Sequence[Budget],
     *,
     buckets: int | Sequence[int] = 8,
-    safety: float = 0.1,
+    safety: float | None = None,
     max_batch_size: int | None = None,
     queue_batches: int = 2,
     read_ahead_shards: int = 1,
@@ -834,7 +849,7 @@ def make_bucket_plan(
         sized: the :class:`~autobatch.size_probe.SizeAwareProbe`.
         budgets: the host budget and, on a GPU, the device budget.
         buckets: how many length buckets to choose from the distribution, or their boundaries.
-        safety: safety margin on the predicted growth, as in :func:`make_plan`.
+        safety: safety margin (default by ``margin_on``), as in :func:`make_plan`.
         max_batch_size: never plan a larger batch in any bucket.
         queue_batches: batches the feed may hold waiting.
         read_ahead_shards: shard files read ahead when streaming.
@@ -847,9 +862,8 @@ def make_bucket_plan(
         ConfigError: an option is out of range.
         BudgetError: one sample of the longest bucket does not fit a budget.
     """
-    if not 0 <= safety < 1:
-        raise ConfigError(f"`safety` must be in [0, 1). Received: safety={safety}")
-    margin = _Margin(safety, margin_on)
+    margin = _Margin.of(safety, margin_on)
+    safety = margin.safety
     if max_batch_size is not None and max_batch_size < 1:
         raise ConfigError(f"`max_batch_size` must be >= 1. Received: max_batch_size={max_batch_size}")
     if queue_batches < 0:

@@ -20,6 +20,7 @@ import workload
 from measure import Ratio, Run, interleave, ratio, run_child, timed
 
 from autobatch._units import format_bytes
+from autobatch.plan import DEFAULT_SAFETY
 
 MiB = 1024**2
 
@@ -115,7 +116,7 @@ class Context:
             "force_batch_size": force_batch_size,
         }
 
-    def fit_run(self, size: str, *, safety: float = 0.1, force_batch_size: int | None = None) -> dict[str, Any]:
+    def fit_run(self, size: str, *, safety: float = DEFAULT_SAFETY["growth"], force_batch_size: int | None = None) -> dict[str, Any]:
         """``autobatch.fit`` in a fresh process (see ``child.fit_job``)."""
         job = self._fit_job(size, safety, force_batch_size)
         return self._start(f"fit {job}", job, f"autobatch.fit at batch {force_batch_size} in a child process").result()
@@ -125,7 +126,7 @@ class Context:
         what = f"autobatch.fit in a child process ({size}, {self.rows(size)} rows, safety {safety:g})"
         return self._start(f"planned {size} {safety}", job, what)
 
-    def planned(self, size: str, *, safety: float = 0.1) -> dict[str, Any]:
+    def planned(self, size: str, *, safety: float = DEFAULT_SAFETY["growth"]) -> dict[str, Any]:
         """The planned run of ``size``: the first one probes with an empty cache (what the probe costs)."""
         return self._planned_future(size, safety).result()
 
@@ -460,10 +461,11 @@ def planning(ctx: Context) -> list[Row]:
     rows = []
     for safety, planned in plans.items():
         batch = planned["batch_size"]
+        label = f"safety {safety:g}" + (" (the default)" if safety == DEFAULT_SAFETY["growth"] else "")
         rows.append(
             Row(
                 "planning",
-                f"planned ÷ true largest batch under ram_limit={s.ram_limit}, safety {safety:g}",
+                f"planned ÷ true largest batch under ram_limit={s.ram_limit}, {label}",
                 batch / true if true else math.inf,
                 target=Target(0.90, 1.0),
                 detail=f"planned {batch:,} ({planned['limited_by']}); {bracket}; real runs' peaks: {tried}",
@@ -472,7 +474,7 @@ def planning(ctx: Context) -> list[Row]:
         rows.append(
             Row(
                 "planning",
-                f"predicted ÷ measured peak RSS of the autobatch.fit process, safety {safety:g}",
+                f"predicted ÷ measured peak RSS of the autobatch.fit process, {label}",
                 planned["predicted_peak_bytes"] / planned["peak_rss_bytes"],
                 target=Target(0.90, 1.10),
                 detail=f"predicted {format_bytes(planned['predicted_peak_bytes'])}, measured (VmHWM) "

@@ -68,8 +68,8 @@ class Sizes:
     """Rows of the XLA part of the padding benchmark (every new shape compiles, seconds each)."""
     sizes: tuple[str, ...] = ("small", "large")
     """Which sizes of the canonical workload the feed and probe benchmarks run at."""
-    safeties: tuple[float, ...] = (0.1, 0.0)
-    """The ``safety`` margins the planning benchmark plans with (0.1 is the default)."""
+    safeties: tuple[float, ...] = (0.05, 0.1, 0.0)
+    """The ``safety`` margins the planning benchmark plans with (0.05, the default under ``autobatch.fit``, first)."""
     ram_limit: str = "1GiB"
     bisect_tolerance: float = 0.02
     """Bisection stops when the gap between fitting and failing batches is below this fraction."""
@@ -109,7 +109,7 @@ QUICK = Sizes(
     padding_batch_size=32,
     xla_rows=0,
     sizes=("small",),
-    safeties=(0.1,),
+    safeties=(0.05,),
     max_bisect_runs=1,
     sized_rows=300,
     sized_grid=(4, 8),

@@ -882,6 +882,19 @@ def test_nan_policy_error_names_array_and_row(where: str, value: float, name: st
     assert "the first is row 1 of the batch (row 17 of the data (index label 17))" in message, message
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_nonfinite_rows_finds_nan_and_inf_but_not_a_sum_that_overflows(dtype) -> None:
+    from autobatch.feeds.base import _nonfinite_rows
+
+    big = np.finfo(dtype).max / 2
+    array = np.full((4, 3), big, dtype=dtype)  # finite, but the sum overflows the dtype
+    assert _nonfinite_rows(array) is None
+    array[2, 1] = np.nan
+    array[3, 0] = -np.inf
+    np.testing.assert_array_equal(_nonfinite_rows(array), [False, False, True, True])
+    assert _nonfinite_rows(np.arange(6, dtype=np.int32).reshape(2, 3)) is None
+
+
 def test_nan_policy_warn_warns_once_and_counts_every_batch() -> None:
     frame = _nan_table("x", np.nan)
     frame.loc[3, "b"] = -np.inf

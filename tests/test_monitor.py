@@ -262,7 +262,8 @@ def test_headroom_counts_the_growth_the_plan_still_expects_and_defaults_to_its_m
     )
     plan = make_plan(probe, [Budget("host", 1000 * MiB, "test")], max_batch_size=64, queue_batches=0)
     monitor = MemoryMonitor(plan, console=Console(file=io.StringIO()), reader=AvailableReader([0]), background=False)
-    assert monitor.min_headroom_bytes == int(0.1 * 1000 * MiB)  # safety × the limit (above the plan's margin on growth)
+    assert plan.safety == 0.05  # the default margin on the growth
+    assert monitor.min_headroom_bytes == int(0.05 * 1000 * MiB)  # safety × the limit (above the plan's margin on growth)
     reading = MemoryReading(400 * MiB, 400 * MiB, 1000 * MiB)
     assert monitor.headroom_bytes(reading) == 1000 * MiB - (plan.predicted_peak_bytes - 400 * MiB)
 

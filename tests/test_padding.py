@@ -22,14 +22,23 @@ def _sequences(seed: int, *, n: int = 12, feature_shape: tuple[int, ...] = ()) -
     return [rng.standard_normal((int(k), *feature_shape)).astype(np.float32) for k in lengths]
 
 
+CONTAINERS = {
+    "arrays": lambda seqs: seqs,  # copied cell by cell (as read_parquet gives list cells)
+    "float64 Series": lambda seqs: pd.Series([s.astype(np.float64) for s in seqs], dtype=object),
+    "lists": lambda seqs: [s.tolist() for s in seqs],  # concatenated first
+}
+
+
 @pytest.mark.parametrize("feature_shape", [(), (3,)])
 @pytest.mark.parametrize("maxlen", [None, 1, 6, 40])
 @pytest.mark.parametrize("truncating", ["pre", "post"])
 @pytest.mark.parametrize("padding", ["pre", "post"])
-def test_matches_keras_pad_sequences(feature_shape, maxlen, truncating, padding) -> None:
+@pytest.mark.parametrize("container", list(CONTAINERS))
+def test_matches_keras_pad_sequences(feature_shape, maxlen, truncating, padding, container) -> None:
     for seed in range(5):
         sequences = _sequences(seed, feature_shape=feature_shape)
-        ours = pad_sequences_batch(sequences, maxlen=maxlen, truncating=truncating, padding=padding, value=-1.5)
+        given = CONTAINERS[container](sequences)
+        ours = pad_sequences_batch(given, maxlen=maxlen, truncating=truncating, padding=padding, value=-1.5)
         theirs = keras.utils.pad_sequences(
             sequences, maxlen=maxlen, truncating=truncating, padding=padding, value=-1.5, dtype="float32"
         )
@@ -145,6 +154,10 @@ def test_bad_sequences_name_the_culprit() -> None:
         pad_sequences_batch([[1.0], 2.0])
     with pytest.raises(DataError, match=r"sequence 2 has feature shape \(4,\)"):
         pad_sequences_batch([np.zeros((2, 3)), np.zeros((0,)), np.zeros((1, 4))])
+    # Copied cell by cell, a (k, 1) cell would broadcast into a (k, 3) slot: the shapes are checked first.
+    with pytest.raises(DataError, match=r"sequence 1 has feature shape \(1,\)") as excinfo:
+        pad_sequences_batch(pd.Series([np.zeros((2, 3)), np.ones((2, 1))]))
+    assert excinfo.value.row == 1
     with pytest.raises(ConfigError, match="truncating"):
         pad_sequences_batch([[1.0]], truncating="middle")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="padding"):

@@ -18,7 +18,7 @@ from autobatch import Budget, ProbeResult, TensorSpec
 from autobatch._lengths import detect_sequence_columns, sample_lengths
 from autobatch.cli import main
 from autobatch.errors import BudgetError, ConfigError, DataError, PreprocessError
-from autobatch.plan import bucket_boundaries, expected_batch_max, make_bucket_plan
+from autobatch.plan import DEFAULT_SAFETY, bucket_boundaries, expected_batch_max, make_bucket_plan
 from autobatch.size_probe import GridTrial, LengthMemoryModel, SizeAwareProbe, fit_length_model
 
 import canonical
@@ -136,7 +136,7 @@ LINEAR = LengthMemoryModel(700 * MiB, 2000.0)
 HOST_1GIB = Budget("host", 1024 * MiB, "ram_limit=1GiB")
 
 
-def with_margin(peak, safety=0.1):
+def with_margin(peak, safety=DEFAULT_SAFETY["growth"]):
     """A predicted peak plus the safety margin on its growth over the measured runtime (700 MiB) and dataset (10 MiB)."""
     return peak + safety * (peak - 710 * MiB)
 
