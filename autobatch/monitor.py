@@ -137,7 +137,8 @@ class MemoryMonitor(keras.callbacks.Callback):
 
     Args:
         plan: the :class:`Plan` training follows: its budgets, predicted peak and batch size.
-        warn_at: warn when memory crosses this fraction of a budget.
+        warn_at: warn when memory crosses this fraction of a budget, or the plan's predicted
+            peak on that budget when it is higher: a plan that leaves 3% free expects more than 90%.
         host_budget_bytes: the host budget when there is no plan.
         batch_size: samples per step when there is no plan.
         interval_s: how often memory is sampled (and the live display refreshed).
@@ -204,6 +205,7 @@ class MemoryMonitor(keras.callbacks.Callback):
         self.gpu_budget_bytes = gpu.budget.limit_bytes if gpu is not None else None
         self._host_source = host.budget.source if host is not None else "host_budget_bytes"
         self.batch_size = plan.batch_size if plan is not None else batch_size
+        self._predicted = {use.budget.kind: use.predicted_peak_bytes for use in (host, gpu) if use is not None}
         if min_headroom_bytes is None and host is not None:
             min_headroom_bytes = max(host.margin_bytes, int(plan.safety * host.budget.limit_bytes))
         self.min_headroom_bytes = min_headroom_bytes
@@ -264,18 +266,21 @@ class MemoryMonitor(keras.callbacks.Callback):
             if reading.gpu_peak_bytes is not None:
                 self._peak_gpu = max(self._peak_gpu or 0, reading.gpu_peak_bytes)
         for kind, used, budget, source in self._budget_checks(reading):
-            if used >= self.warn_at * budget and kind not in self._over:
+            expected = min(self._predicted.get(kind, 0), budget)
+            threshold = max(self.warn_at * budget, expected)
+            if used >= threshold and kind not in self._over:
                 self._over.add(kind)
+                beyond = f", above the plan's predicted peak of {format_bytes(expected)}" if used > expected > 0 else ""
                 message = (
                     f"{kind} memory at {format_bytes(used)} is {used / budget:.0%} of the {kind} budget "
-                    f"{format_bytes(budget)} ({source}); training may be killed if it keeps growing"
+                    f"{format_bytes(budget)} ({source}){beyond}; training may be killed if it keeps growing"
                 )
                 self._warnings.append(message)
                 logger.warning(message)
                 warnings.warn(message, ResourceWarning, stacklevel=2)
                 if self._live is None:
                     self.console.print(f"[bold yellow]autobatch warning:[/] {message}", highlight=False)
-            elif used < (self.warn_at - 0.05) * budget:
+            elif used < threshold - 0.05 * budget:
                 # Re-arm only after a clear drop, so hovering at the threshold warns once, not every reading.
                 self._over.discard(kind)
         self._check_headroom(reading)

@@ -272,3 +272,27 @@ def test_adaptive_needs_a_feed_that_can_shrink():
     with pytest.raises(ConfigError) as excinfo:
         MemoryMonitor(host_budget_bytes=MiB, adaptive=True, console=Console(file=io.StringIO()))
     assert "adaptive=True" in str(excinfo.value) and "feed=" in str(excinfo.value)
+
+
+def test_a_plan_close_to_the_limit_warns_past_its_prediction_not_at_90_percent():
+    from autobatch import Budget, ProbeResult, StepTrial, make_plan
+
+    probe = ProbeResult(
+        n_samples=1000, source="in_memory", raw_bytes=0, raw_bytes_per_sample=0.0, raw_scope="t",
+        largest_shard_raw_bytes=0, sample_batch_size=32, preprocessed_bytes_per_sample=1024.0,
+        worst_preprocessed_bytes_per_sample=1024.0, worst_scope="t", preprocess_peak_bytes_per_sample=0.0,
+        output_signature=(), device="CPU", trials=(StepTrial(8, 500 * MiB), StepTrial(64, 556 * MiB)),
+    )
+    plan = make_plan(probe, [Budget("host", 1000 * MiB, "test")], queue_batches=0)
+    predicted = plan.predicted_peak_bytes / MiB
+    assert 950 < predicted < 1000  # the plan expects more than warn_at=0.9 of the budget
+    clock = FakeClock()
+    reader = ScriptedReader([500, 940, predicted - 5, predicted + 5])
+    monitor = MemoryMonitor(plan, console=Console(file=io.StringIO()), reader=reader, clock=clock, background=False)
+    monitor.set_params({"epochs": 1, "steps": 4, "verbose": 0})
+    with pytest.warns(ResourceWarning) as record:
+        run_epoch(monitor, clock)
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1, messages  # not at 940 MiB (94%) nor just under the prediction
+    assert f"host memory at {predicted + 5:.1f} MiB" in messages[0]
+    assert f"above the plan's predicted peak of {predicted:.1f} MiB" in messages[0]
