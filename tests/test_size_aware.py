@@ -543,3 +543,24 @@ def test_a_split_shard_feed_recomputes_its_own_overflow_bucket(tmp_path):
         longest = max(int(pd.read_parquet(path)["seq"].map(len).max()) for path in part.files)
         expected = [32, 64, 256] + ([longest] if longest > 256 else [])
         assert part.boundaries.tolist() == expected, (part.boundaries, longest)
+
+
+def test_a_shard_with_other_columns_or_a_missing_target_is_named_when_the_feed_is_made(tmp_path):
+    from autobatch._data import ShardSource
+    from autobatch.feeds.size_aware import SizeAwareShardFeed
+
+    frame = heavy_frame(300, seed=5)
+    files = []
+    for i, part in enumerate(np.array_split(np.arange(len(frame)), 3)):
+        shard = frame.iloc[part]
+        if i == 2:
+            shard = shard.rename(columns={"label": "target"})
+        shard.to_parquet(tmp_path / f"{i}.parquet", index=False)
+        files.append(tmp_path / f"{i}.parquet")
+    options = dict(boundaries=[64, 2048], batch_sizes=[16, 4], preprocess=pad_seq, output_signature=SIGNATURE)
+    with pytest.raises(DataError) as excinfo:
+        SizeAwareShardFeed(ShardSource(tuple(files), "label"), **options)
+    message = str(excinfo.value)
+    assert f"shard {str(files[2])!r} has columns" in message and "missing: ['label'], unexpected: ['target']" in message
+    with pytest.raises(DataError, match=r"column\(s\) \['weight'\] not found"):
+        SizeAwareShardFeed(ShardSource(tuple(files[:2]), "label"), sample_weight="weight", **options)

@@ -99,14 +99,56 @@ def _concat(parts: list[Any]) -> Any:
 
 
 def open_shards(
-    source: str | os.PathLike[str] | ShardSource, target: str | Sequence[str] | None, index: ShardIndex | None
+    source: str | os.PathLike[str] | ShardSource,
+    target: str | Sequence[str] | None,
+    index: ShardIndex | None,
+    sample_weight: str | None = None,
 ) -> tuple[ShardSource, ShardIndex, tuple[ShardInfo, ...]]:
-    """The shard source (with ``target``), the row-count index, and each file's :class:`ShardInfo`."""
+    """The shard source (with ``target``), the row-count index, and each file's :class:`ShardInfo`.
+
+    Raises:
+        DataError: a shard's columns differ from the first one's (naming the file and the columns), the
+            target or weight columns are missing, or no input column remains.
+    """
     resolved = source if isinstance(source, ShardSource) else ShardSource.from_spec(source, target)
     if isinstance(source, ShardSource) and target is not None:
         resolved = dataclasses.replace(resolved, target=target if isinstance(target, str) else tuple(target))
     index = index if index is not None else ShardIndex()
-    return resolved, index, tuple(index.info(path) for path in resolved.files)
+    shards = tuple(index.info(path) for path in resolved.files)
+    wanted = list(target_names(resolved)) + ([sample_weight] if sample_weight is not None else [])
+    _check_columns(shards, wanted)
+    return resolved, index, shards
+
+
+def target_names(source: ShardSource) -> tuple[str, ...]:
+    """The target column name(s) of ``source``."""
+    if source.target is None:
+        return ()
+    return (source.target,) if isinstance(source.target, str) else tuple(source.target)
+
+
+def _check_columns(shards: Sequence[ShardInfo], wanted: Sequence[str]) -> None:
+    first = shards[0]
+    for shard in shards[1:]:
+        if shard.columns != first.columns:
+            missing = [c for c in first.columns if c not in shard.columns]
+            extra = [c for c in shard.columns if c not in first.columns]
+            raise DataError(
+                f"shard {str(shard.path)!r} has columns {list(shard.columns)}, but the first shard "
+                f"{str(first.path)!r} has {list(first.columns)} (missing: {missing}, unexpected: {extra}). "
+                "All shards must share one schema: fix or remove that file."
+            )
+    missing = [name for name in wanted if name not in first.columns]
+    if missing:
+        raise DataError(
+            f"column(s) {missing} not found in shard {str(first.path)!r}, whose columns are {list(first.columns)}. "
+            "Pass the right `target`/`sample_weight` column name(s)."
+        )
+    if not [c for c in first.columns if c not in wanted]:
+        raise DataError(
+            f"every column of shard {str(first.path)!r} ({list(first.columns)}) is a target or weight column, "
+            "so no inputs remain. Name only the target column(s) in `target`."
+        )
 
 
 def hold_out_shards(
@@ -189,10 +231,9 @@ class ShardFeed(BaseFeed):
             raise ConfigError(
                 f"`read_ahead` must be an int >= 0 (files loaded ahead). Received: read_ahead={read_ahead!r}"
             )
-        self.source, self._index, self.shards = open_shards(source, target, index)
+        self.source, self._index, self.shards = open_shards(source, target, index, sample_weight)
         self.read_ahead = read_ahead
         self.sample_weight = sample_weight
-        self._validate_columns()
         self._counts = np.array([s.n_rows for s in self.shards], dtype=np.int64)
         if self.drop_remainder and self.n_samples < self.batch_size:
             raise ConfigError(
@@ -200,37 +241,8 @@ class ShardFeed(BaseFeed):
                 f"in {len(self.shards)} shard(s). Lower the batch size or keep the remainder."
             )
 
-    def _validate_columns(self) -> None:
-        first = self.shards[0]
-        for shard in self.shards[1:]:
-            if shard.columns != first.columns:
-                missing = [c for c in first.columns if c not in shard.columns]
-                extra = [c for c in shard.columns if c not in first.columns]
-                raise DataError(
-                    f"shard {str(shard.path)!r} has columns {list(shard.columns)}, but the first shard "
-                    f"{str(first.path)!r} has {list(first.columns)} (missing: {missing}, unexpected: {extra}). "
-                    "All shards must share one schema: fix or remove that file."
-                )
-        wanted = list(self._target_names())
-        if self.sample_weight is not None:
-            wanted.append(self.sample_weight)
-        missing = [name for name in wanted if name not in first.columns]
-        if missing:
-            raise DataError(
-                f"column(s) {missing} not found in shard {str(first.path)!r}, whose columns are {list(first.columns)}. "
-                "Pass the right `target`/`sample_weight` column name(s)."
-            )
-        if not [c for c in first.columns if c not in wanted]:
-            raise DataError(
-                f"every column of shard {str(first.path)!r} ({list(first.columns)}) is a target or weight column, "
-                "so no inputs remain. Name only the target column(s) in `target`."
-            )
-
     def _target_names(self) -> tuple[str, ...]:
-        target = self.source.target
-        if target is None:
-            return ()
-        return (target,) if isinstance(target, str) else tuple(target)
+        return target_names(self.source)
 
     # ------------------------------------------------------------------ runtime state
 

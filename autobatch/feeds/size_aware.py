@@ -48,7 +48,7 @@ from autobatch._lengths import (
 from autobatch.errors import ConfigError, DataError
 from autobatch.feeds.base import BackgroundReader, BaseFeed, RawBatch, build_feed
 from autobatch.feeds.in_memory import InMemoryFeed
-from autobatch.feeds.shards import ShardIndex, _concat, hold_out_shards, open_shards
+from autobatch.feeds.shards import ShardIndex, _concat, hold_out_shards, open_shards, target_names
 
 logger = logging.getLogger(__name__)
 
@@ -354,7 +354,7 @@ class SizeAwareShardFeed(BaseFeed):
         super().__init__(batch_size=int(sizes.max()), **options)
         if isinstance(read_ahead, bool) or read_ahead not in (0, 1):
             raise ConfigError(f"`read_ahead` must be 0 or 1 for a size-aware shard feed. Received: {read_ahead!r}")
-        self.source, self._index, self.shards = open_shards(source, target, index)
+        self.source, self._index, self.shards = open_shards(source, target, index, sample_weight)
         self.read_ahead = read_ahead
         self.sample_weight = sample_weight
         self._length_fn = length_fn
@@ -504,7 +504,7 @@ class SizeAwareShardFeed(BaseFeed):
                 "was made: the file changed. Re-create the feed."
             )
         target = self.source.target
-        names = [] if target is None else ([target] if isinstance(target, str) else list(target))
+        names = list(target_names(self.source))
         y = None if not names else (frame[names[0]] if isinstance(target, str) else frame[names])
         weights = frame[self.sample_weight].to_numpy(dtype=np.float32) if self.sample_weight is not None else None
         dropped = names + ([self.sample_weight] if self.sample_weight is not None else [])
