@@ -116,7 +116,9 @@ class Context:
             "force_batch_size": force_batch_size,
         }
 
-    def fit_run(self, size: str, *, safety: float = DEFAULT_SAFETY["growth"], force_batch_size: int | None = None) -> dict[str, Any]:
+    def fit_run(
+        self, size: str, *, safety: float = DEFAULT_SAFETY["growth"], force_batch_size: int | None = None
+    ) -> dict[str, Any]:
         """``autobatch.fit`` in a fresh process (see ``child.fit_job``)."""
         job = self._fit_job(size, safety, force_batch_size)
         return self._start(f"fit {job}", job, f"autobatch.fit at batch {force_batch_size} in a child process").result()

@@ -251,7 +251,8 @@ def test_low_headroom_without_adaptive_warns_once_with_the_remedy():
     assert len(messages) == 1 and "Pass adaptive=True to autobatch.fit to shrink batches instead" in messages[0]
 
 
-def test_headroom_counts_the_growth_the_plan_still_expects_and_defaults_to_its_margin():
+def plan_on_1000_mib(**options):
+    """A plan on a 1000 MiB host budget whose trials measured 492 MiB + 1 MiB per sample."""
     from autobatch import Budget, ProbeResult, StepTrial, make_plan
 
     probe = ProbeResult(
@@ -260,7 +261,11 @@ def test_headroom_counts_the_growth_the_plan_still_expects_and_defaults_to_its_m
         worst_preprocessed_bytes_per_sample=1024.0, worst_scope="t", preprocess_peak_bytes_per_sample=0.0,
         output_signature=(), device="CPU", trials=(StepTrial(8, 500 * MiB), StepTrial(64, 556 * MiB)),
     )
-    plan = make_plan(probe, [Budget("host", 1000 * MiB, "test")], max_batch_size=64, queue_batches=0)
+    return make_plan(probe, [Budget("host", 1000 * MiB, "test")], queue_batches=0, **options)
+
+
+def test_headroom_counts_the_growth_the_plan_still_expects_and_defaults_to_its_margin():
+    plan = plan_on_1000_mib(max_batch_size=64)
     monitor = MemoryMonitor(plan, console=Console(file=io.StringIO()), reader=AvailableReader([0]), background=False)
     assert plan.safety == 0.05  # the default margin on the growth
     assert monitor.min_headroom_bytes == int(0.05 * 1000 * MiB)  # safety × the limit (above the plan's margin on growth)
@@ -275,15 +280,7 @@ def test_adaptive_needs_a_feed_that_can_shrink():
 
 
 def test_a_plan_close_to_the_limit_warns_past_its_prediction_not_at_90_percent():
-    from autobatch import Budget, ProbeResult, StepTrial, make_plan
-
-    probe = ProbeResult(
-        n_samples=1000, source="in_memory", raw_bytes=0, raw_bytes_per_sample=0.0, raw_scope="t",
-        largest_shard_raw_bytes=0, sample_batch_size=32, preprocessed_bytes_per_sample=1024.0,
-        worst_preprocessed_bytes_per_sample=1024.0, worst_scope="t", preprocess_peak_bytes_per_sample=0.0,
-        output_signature=(), device="CPU", trials=(StepTrial(8, 500 * MiB), StepTrial(64, 556 * MiB)),
-    )
-    plan = make_plan(probe, [Budget("host", 1000 * MiB, "test")], queue_batches=0)
+    plan = plan_on_1000_mib()
     predicted = plan.predicted_peak_bytes / MiB
     assert 950 < predicted < 1000  # the plan expects more than warn_at=0.9 of the budget
     clock = FakeClock()
