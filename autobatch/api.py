@@ -134,7 +134,7 @@ def plan(
         gpu_limit: device memory one replica may use; default: free GPU memory.
         safety: margin kept free on top of the predicted growth: ``safety`` × what grows with
             the batch and what is estimated rather than measured (see :func:`make_plan`);
-            default 0.05, or 0.1 of the whole budget with ``in_process=False``.
+            default 0.1, of the whole budget with ``in_process=False``.
         max_batch_size: never plan a larger batch.
         multiple_of: round the batch size down to a multiple of this.
         target_batch_size: the batch the optimisation should see; kept by gradient
@@ -380,7 +380,7 @@ def fit(
         gpu_limit: device memory one replica may use; default free GPU memory.
         safety: margin kept free on top of the predicted growth: ``safety`` × what grows with
             the batch and what is estimated rather than measured (see :func:`make_plan`);
-            default 0.05.
+            default 0.1.
         max_batch_size: never train on larger batches.
         target_batch_size: the batch size the optimisation should see; kept by gradient
             accumulation when it does not fit (never silently smaller).

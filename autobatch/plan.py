@@ -256,10 +256,11 @@ MarginOn = Literal["growth", "budget"]
 """What the safety margin is a fraction of: the predicted growth (training runs as the trials did) or the whole budget."""
 
 
-DEFAULT_SAFETY: Mapping[MarginOn, float] = types.MappingProxyType({"growth": 0.05, "budget": 0.1})
-"""The default ``safety`` per :data:`MarginOn`. On the growth, it covers the largest prediction error measured
-end to end (1.6% of the peak, ~5% of the growth, with the prediction above the peak in every ``autobatch.fit``
-run; BENCHMARKS.md); on the budget, also memory a training loop autobatch does not run may hold."""
+DEFAULT_SAFETY: Mapping[MarginOn, float] = types.MappingProxyType({"growth": 0.1, "budget": 0.1})
+"""The default ``safety`` per :data:`MarginOn`. On the growth, it covers what a long run adds beyond the trials'
+sweep of padded lengths (up to 1.2% of the peak, ~4% of the growth, over 30-epoch ``autobatch.fit`` runs) and
+the trials' scatter (±10 MiB at ~1 GiB; BENCHMARKS.md, 4); on the budget, also memory a training loop autobatch
+does not run may hold."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,10 +359,10 @@ def make_plan(
         budgets: the host budget and, on a GPU, the device budget.
         safety: margin kept free on top of the predicted growth: ``safety`` × (the
             batch-dependent bytes plus the estimated fixed parts — shards being read,
-            this process's extra), so 0.05 plans 5% more memory for them than
+            this process's extra), so 0.1 plans 10% more memory for them than
             predicted. The measured runtime/model/optimizer and the exact dataset
             bytes get no margin. Default: :data:`DEFAULT_SAFETY` for ``margin_on``
-            (0.05 of the growth, 0.1 of the budget).
+            (0.1 of the growth, 0.1 of the budget).
         margin_on: ``"growth"`` (above) when training runs as the trials did
             (``autobatch.fit``); ``"budget"``: ``safety`` × the whole budget, for a
             training process autobatch does not run (its own loop may hold more).

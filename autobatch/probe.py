@@ -9,7 +9,11 @@ The probe measures, and never guesses from shapes:
 4. with a model: the peak memory of real training steps (``model.fit`` over a
    prefetching ``tf.data`` pipeline, one shard held as streaming holds it) at a
    few batch sizes, in a child process (``autobatch._trial``) so an OOM cannot
-   kill the caller, fitted as intercept + per-sample slope.
+   kill the caller, fitted as intercept + per-sample slope. Each trial first
+   steps through the batch cut to a sweep of shorter padded lengths, as training
+   meets them: TensorFlow's CPU and GPU pool allocators fragment with every new
+   shape, and the worst-case batch arriving after that peaks higher than on a
+   fresh process (BENCHMARKS.md, benchmark 4).
 
 The ``Prober`` keeps that child alive so the planner can confirm its choice with
 one more real trial at the chosen size.
@@ -22,6 +26,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import queue
 import subprocess
@@ -56,8 +61,10 @@ logger = logging.getLogger(__name__)
 
 Preprocess = Callable[[Any, Any], tuple[Any, Any]]
 DEFAULT_TRIAL_BATCH_SIZES = (8, 32, 128)
+DEFAULT_SWEEP_STEPS = 48
+"""Steps at shorter padded lengths before each trial's worst-case steps (see :func:`sweep_lengths`)."""
 # Part of every cache key: bump it whenever what or how the probe measures changes.
-MEASUREMENT_VERSION = 3
+MEASUREMENT_VERSION = 4
 
 
 # --------------------------------------------------------------------------- results
@@ -600,6 +607,55 @@ def _device_key() -> str:
     return f"gpu{len(totals)}:{totals[0][0]}:{visible}" if totals else "cpu"
 
 
+def sweep_lengths(
+    observed: Mapping[str, Sequence[tuple[int, ...]]], steps: int, *, seed: int = 0
+) -> list[dict[str, list[int | None]]]:
+    """Padded lengths for a trial's sweep: ``steps`` entries of ``{array: [length or None per axis]}``.
+
+    Args:
+        observed: per packed array, the trial batch's shape first, then the shapes
+            the same array had on other preprocessed batches (a random one, the
+            smallest rows). An axis after the batch axis whose size differs between
+            them is padded; the others are kept (``None``).
+        steps: how many lengths.
+        seed: fixes their order.
+
+    Returns:
+        One dict per sweep step. On every padded axis the lengths are spread evenly
+        from the shortest typical length (the random batch's, else the smallest one
+        seen) up to, not including, the trial's own, in a shuffled order, and rounded
+        down to a multiple of the lengths seen (so a ``preprocess`` that pads to
+        buckets of 64 is swept over multiples of 64). The same fraction applies to
+        every padded axis of a step, so arrays of equal lengths stay equal.
+    """
+    fractions = (np.random.default_rng([seed, 2]).permutation(steps) / max(steps, 1)).tolist()
+    spans: dict[str, list[tuple[int, int, int] | None]] = {}
+    for name, shapes in observed.items():
+        trial = shapes[0]
+        others = [shape for shape in shapes[1:] if len(shape) == len(trial)]
+        axes = [_sweep_span([trial[k], *(shape[k] for shape in others)]) for k in range(1, len(trial))]
+        if any(axes):
+            spans[name] = axes
+
+    def length(span: tuple[int, int, int] | None, fraction: float) -> int | None:
+        if span is None:
+            return None
+        shortest, longest, multiple = span
+        return max(multiple, int(shortest + (longest - shortest) * fraction) // multiple * multiple)
+
+    return [{name: [length(span, f) for span in axes] for name, axes in spans.items()} for f in fractions] if spans else []
+
+
+def _sweep_span(seen: Sequence[int]) -> tuple[int, int, int] | None:
+    """``(shortest, longest, multiple)`` of one axis's sweep, from its lengths seen (the trial's first, then the
+    random batch's, then the smallest rows'); ``None`` for an axis that never varies."""
+    if len(set(seen)) == 1:
+        return None
+    longest = seen[0]
+    shortest = min(seen[1], longest) if seen[1] != longest else min(seen)
+    return shortest, longest, math.gcd(*seen)
+
+
 class Prober:
     """Measures a dataset, a preprocessing function and (optionally) a model's training step.
 
@@ -622,6 +678,7 @@ class Prober:
         sample_batch_size: int = 32,
         trial_batch_sizes: Sequence[int] | None = None,
         steps: int = 3,
+        sweep_steps: int = DEFAULT_SWEEP_STEPS,
         seed: int = 0,
         timeout_s: float = 600.0,
         scan_bytes: int = 512 * 1024**2,
@@ -633,6 +690,8 @@ class Prober:
             raise ConfigError(f"`steps` must be >= 1. Received: {steps}")
         if prefetch_batches < 1:
             raise ConfigError(f"`prefetch_batches` must be >= 1. Received: {prefetch_batches}")
+        if isinstance(sweep_steps, bool) or not isinstance(sweep_steps, int) or sweep_steps < 0:
+            raise ConfigError(f"`sweep_steps` must be an int >= 0. Received: sweep_steps={sweep_steps!r}")
         if trial_batch_sizes is not None and (not trial_batch_sizes or min(trial_batch_sizes) < 1):
             raise ConfigError(f"`trial_batch_sizes` must be positive integers. Received: {trial_batch_sizes}")
         self._data = _resolve_data(x, y)
@@ -641,6 +700,7 @@ class Prober:
         self._sample_batch_size = sample_batch_size
         self._trial_batch_sizes = tuple(trial_batch_sizes or DEFAULT_TRIAL_BATCH_SIZES)
         self._steps = steps
+        self._sweep_steps = sweep_steps
         self._seed = seed
         self._timeout_s = timeout_s
         self._scan_bytes = scan_bytes
@@ -651,6 +711,7 @@ class Prober:
         self._sample: DataSample | None = None
         self._model_ref: dict[str, Any] | None = None
         self._key: str | None = None
+        self._shapes: dict[str, list[tuple[int, ...]]] | None = None
 
     def __enter__(self) -> Prober:
         return self
@@ -690,6 +751,7 @@ class Prober:
                 self._sample_batch_size,
                 self._trial_batch_sizes,
                 self._steps,
+                self._sweep_steps,
                 self._prefetch_batches,
                 self._seed,
             ]
@@ -726,11 +788,36 @@ class Prober:
         # holds a full trial batch (it would count in the training process's own peak when planning in-process).
         rows = min(batch_size, self.sample().worst.n_samples)
         batch = self.worst_batch(rows)
+        sweep: list[dict[str, list[int | None]]] = []
+        if self._sweep_steps:
+            shapes = self._sample_shapes()
+            trial = {name: a.shape for name, a in pack_batch(batch.inputs, batch.targets)[0].items()}
+            observed = {name: [shape, *shapes.get(name, ())] for name, shape in trial.items()}
+            sweep = sweep_lengths(observed, self._sweep_steps, seed=self._seed)
         outcome = self.send_trial(
             batch.inputs, batch.targets, batch_size, rows=rows, what=f"batch {batch_size}",
-            shrink="trial_batch_sizes", rss_limit_bytes=rss_limit_bytes,
+            shrink="trial_batch_sizes", rss_limit_bytes=rss_limit_bytes, sweep=sweep,
         )
         return StepTrial(batch_size, **outcome)
+
+    def _sample_shapes(self, *batches: _Preprocessed) -> dict[str, list[tuple[int, ...]]]:
+        """Each packed array's shapes on the random and the smallest sample batches (what the sweep spans).
+
+        ``batches``: those two, already preprocessed (by :meth:`measure`); else they are preprocessed here.
+        """
+        if self._shapes is None:
+            if not batches:
+                sample = self.sample()
+                batches = (
+                    run_preprocess(self._preprocess, sample.random, where="a random batch"),
+                    run_preprocess(self._preprocess, sample.smallest, where="the batch of smallest rows"),
+                )
+            shapes: dict[str, list[tuple[int, ...]]] = {}
+            for done in batches:
+                for name, array in pack_batch(done.inputs, done.targets)[0].items():
+                    shapes.setdefault(name, []).append(array.shape)
+            self._shapes = shapes
+        return self._shapes
 
     def send_trial(
         self,
@@ -742,8 +829,11 @@ class Prober:
         what: str,
         shrink: str,
         rss_limit_bytes: int | None,
+        sweep: Sequence[Mapping[str, list[int | None]]] = (),
     ) -> dict[str, Any]:
         """Train on this preprocessed batch in the child (``rows`` of it cycled to ``batch_size``).
+
+        ``sweep`` (from :func:`sweep_lengths`) adds a step per entry first, on the batch cut to those lengths.
 
         Returns:
             The :class:`StepTrial` fields measured: ``peak_rss_bytes``, ``gpu_peak_bytes``,
@@ -759,7 +849,7 @@ class Prober:
         del arrays
         child = self._child_process()
         message = {"cmd": "trial", "arrays": str(path), "structure": structure, "steps": self._steps,
-                   "prefetch": self._prefetch_batches}
+                   "prefetch": self._prefetch_batches, "sweep": [dict(step) for step in sweep]}
         if rows is not None:
             message.update(rows=rows, batch_size=batch_size)
         try:
@@ -809,6 +899,7 @@ class Prober:
         signature = _merge_signatures(
             signature, _signature(random, smallest, ("a random batch", "the batch of smallest rows"))
         )
+        self._sample_shapes(random, smallest)
         trials: list[StepTrial] = []
         info: dict[str, Any] = {}
         if self._model is not None:
@@ -863,6 +954,7 @@ def probe(
     sample_batch_size: int = 32,
     trial_batch_sizes: Sequence[int] | None = None,
     steps: int = 3,
+    sweep_steps: int = DEFAULT_SWEEP_STEPS,
     seed: int = 0,
     timeout_s: float = 600.0,
     cache: bool = True,
@@ -880,7 +972,10 @@ def probe(
             building a compiled model. Without one, only data memory is measured.
         sample_batch_size: rows in the random and the worst-case sample batches.
         trial_batch_sizes: batch sizes of the real training trials (default 8, 32, 128).
-        steps: training steps per trial.
+        steps: training steps per trial on the worst-case batch.
+        sweep_steps: steps before those on the batch cut to shorter padded lengths
+            (:func:`sweep_lengths`), so the peak includes what varying shapes leave in
+            TensorFlow's allocators; 0 skips them.
         seed: for the random sample.
         timeout_s: a trial that takes longer is killed and reported.
         cache: reuse an earlier identical probe from the on-disk cache.
@@ -907,6 +1002,7 @@ def probe(
         sample_batch_size=sample_batch_size,
         trial_batch_sizes=trial_batch_sizes,
         steps=steps,
+        sweep_steps=sweep_steps,
         seed=seed,
         timeout_s=timeout_s,
     ) as prober:

@@ -469,7 +469,7 @@ EXAMPLE_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {examples!r})
     import seed_style
     from autobatch._memory import peak_rss_bytes
-    history = seed_style.main(["--rows", "3000", "--epochs", "1", "--ram-limit", "{limit}"])
+    history = seed_style.main(["--rows", "3000", "--epochs", "{epochs}", "--ram-limit", "{limit}"])
     plan = history.autobatch_plan
     print(json.dumps({{"vmhwm": peak_rss_bytes(), "batch": plan.batch_size, "predicted": plan.predicted_peak_bytes,
                       "limited_by": plan.limited_by, "monitor_peak": history.autobatch_summary.peak_rss_bytes}}))
@@ -477,14 +477,16 @@ EXAMPLE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_fit_on_the_example_keeps_the_process_peak_under_ram_limit(tmp_path):
+def test_fit_on_the_example_keeps_the_process_peak_under_ram_limit_for_a_whole_long_run(tmp_path):
     import psutil
 
     limit = 1024 * MiB  # see test_planned_batch_keeps_a_real_training_run_under_the_limit
     assert psutil.virtual_memory().available > 4 * limit, "the limit must bind, not the machine"
     script = tmp_path / "fit_example.py"
     examples = str(canonical.__file__).rsplit("/", 1)[0]
-    script.write_text(EXAMPLE_SCRIPT.format(examples=examples, limit="1GiB"))
+    # Many epochs: every new padded shape leaves TensorFlow's allocators a little more fragmented, so the
+    # peak rises for tens of epochs (a plan from the worst-case batch alone went ~50 MiB over by epoch 30).
+    script.write_text(EXAMPLE_SCRIPT.format(examples=examples, limit="1GiB", epochs=30))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -496,7 +498,8 @@ def test_fit_on_the_example_keeps_the_process_peak_under_ram_limit(tmp_path):
     assert limited in ("host memory", "confirming trials") or "ran out of memory" in limited, result
     assert result["vmhwm"] < limit, result
     assert result["vmhwm"] > 0.6 * result["predicted"], "the prediction is honest, not wildly conservative"
-    assert result["monitor_peak"] == result["vmhwm"], "the monitor reports the same peak"
+    # The same peak, to within the few pages by which the kernel counts VmRSS (which the monitor samples) ahead of VmHWM.
+    assert abs(result["monitor_peak"] - result["vmhwm"]) <= MiB, "the monitor reports the same peak"
 
 
 def test_a_plan_nudged_just_above_a_confirmed_batch_takes_it_instead_of_trialling_again():

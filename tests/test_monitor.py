@@ -7,6 +7,7 @@ from rich.console import Console
 
 from autobatch.errors import ConfigError
 from autobatch.monitor import MemoryMonitor, MemoryReading, summary_from_log
+from autobatch.plan import DEFAULT_SAFETY
 
 MiB = 1024**2
 
@@ -267,8 +268,9 @@ def plan_on_1000_mib(**options):
 def test_headroom_counts_the_growth_the_plan_still_expects_and_defaults_to_its_margin():
     plan = plan_on_1000_mib(max_batch_size=64)
     monitor = MemoryMonitor(plan, console=Console(file=io.StringIO()), reader=AvailableReader([0]), background=False)
-    assert plan.safety == 0.05  # the default margin on the growth
-    assert monitor.min_headroom_bytes == int(0.05 * 1000 * MiB)  # safety × the limit (above the plan's margin on growth)
+    assert plan.safety == DEFAULT_SAFETY["growth"]  # the default margin on the growth
+    # safety × the limit (above the plan's margin on growth)
+    assert monitor.min_headroom_bytes == int(DEFAULT_SAFETY["growth"] * 1000 * MiB)
     reading = MemoryReading(400 * MiB, 400 * MiB, 1000 * MiB)
     assert monitor.headroom_bytes(reading) == 1000 * MiB - (plan.predicted_peak_bytes - 400 * MiB)
 

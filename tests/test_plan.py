@@ -129,11 +129,11 @@ def test_shards_stream_when_the_dataset_does_not_fit():
     r = result(source="shards", raw=3000 * MiB, shard=20 * MiB)
     plan = make_plan(r, [host(2048 * MiB)])
     assert plan.strategy == "stream"
-    def with_margin(b):  # the margin (the default 5%) covers the growth and the shard reads
+    def with_margin(b):  # the margin (the default 10%) covers the growth and the shard reads
         predicted = predicted_host(r, b, strategy="stream")
         return predicted + plan.safety * (predicted - 592 * MiB)
 
-    assert plan.safety == 0.05
+    assert plan.safety == 0.1
     assert with_margin(plan.batch_size) <= 2048 * MiB < with_margin(plan.batch_size + 1)
     assert "streamed" in plan.explanation
 
@@ -199,12 +199,13 @@ def test_a_margin_on_the_whole_budget_for_training_autobatch_does_not_run():
         make_plan(r, [host(2048 * MiB)], margin_on="all")
 
 
-def test_the_default_margin_is_5_percent_of_the_growth_and_10_percent_of_a_budget():
+def test_the_default_margin_is_10_percent_of_the_growth_or_of_a_budget():
     r = result(n=100_000)
     budget = [host(1024 * MiB)]
-    assert make_plan(r, budget).safety == 0.05
-    assert make_plan(r, budget).batch_size == make_plan(r, budget, safety=0.05).batch_size
-    assert "5% margin on the predicted growth" in make_plan(r, budget).explanation
+    assert make_plan(r, budget).safety == 0.1
+    assert make_plan(r, budget).batch_size == make_plan(r, budget, safety=0.1).batch_size
+    assert make_plan(r, budget, safety=0.05).batch_size > make_plan(r, budget).batch_size
+    assert "10% margin on the predicted growth" in make_plan(r, budget).explanation
     on_budget = make_plan(r, budget, margin_on="budget")
     assert on_budget.safety == 0.1 and on_budget.budget("host").margin_bytes == int(round(0.1 * 1024 * MiB))
     with pytest.raises(ConfigError, match="safety"):

@@ -300,3 +300,73 @@ def test_probe_result_round_trips_through_json(model_probe):
 def test_probe_result_renders(model_probe):
     text = str(model_probe)
     assert "train step, batch 128" in text and "after preprocess" in text and "MiB" in text
+
+
+# ---------------------------------------------------------------- the sweep of padded lengths before each trial
+
+
+def test_sweep_spans_the_padded_axes_only_and_keeps_equal_lengths_equal():
+    from autobatch.probe import sweep_lengths
+
+    observed = {
+        "x.in1": [(900, 497, 1), (32, 200, 1), (32, 10, 1)],  # trial, random, smallest batch
+        "x.in2": [(900, 497, 1), (32, 200, 1), (32, 10, 1)],
+        "y": [(900, 1), (32, 1), (32, 1)],
+    }
+    sweep = sweep_lengths(observed, 8, seed=0)
+    assert len(sweep) == 8 and all(set(step) == {"x.in1", "x.in2"} for step in sweep)  # y has no padded axis
+    lengths = [step["x.in1"][0] for step in sweep]
+    assert all(step["x.in1"][1] is None for step in sweep)  # the feature axis is kept
+    assert all(step["x.in1"] == step["x.in2"] for step in sweep)
+    # Evenly from the random batch's length up to, not including, the trial's own, in a shuffled order.
+    assert sorted(lengths) == [200 + (497 - 200) * j // 8 for j in range(8)] and lengths != sorted(lengths)
+    assert sweep == sweep_lengths(observed, 8, seed=0) and sweep != sweep_lengths(observed, 8, seed=1)
+
+
+def test_sweep_keeps_to_the_multiple_a_bucketing_preprocess_pads_to():
+    from autobatch.probe import sweep_lengths
+
+    sweep = sweep_lengths({"x.seq": [(64, 512), (32, 192), (32, 64)]}, 16)
+    lengths = {step["x.seq"][0] for step in sweep}
+    assert lengths <= {192, 256, 320, 384, 448} and len(lengths) == 5
+    # The random batch already as long as the trial's: the sweep starts from the smallest batch's length.
+    assert min(step["x.seq"][0] for step in sweep_lengths({"x.seq": [(64, 512), (32, 512), (32, 64)]}, 8)) == 64
+
+
+def test_no_sweep_without_padded_axes_or_steps():
+    from autobatch.probe import sweep_lengths
+
+    assert sweep_lengths({"x": [(64, 10), (32, 10)], "y": [(64, 1), (32, 1)]}, 16) == []
+    assert sweep_lengths({"x": [(64, 10), (32, 5)]}, 0) == []
+    with pytest.raises(autobatch.ConfigError, match="sweep_steps"):
+        Prober(pd.DataFrame({"a": [1.0]}), sweep_steps=-1)
+
+
+def test_a_trial_steps_through_its_sweep_then_the_worst_case_batch(tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from autobatch._trial import _trial, pack_batch
+
+    seen: list[tuple[int, ...]] = []
+
+    class RecordShape(keras.layers.Layer):
+        def call(self, x):
+            shape = tf.numpy_function(lambda s: seen.append(tuple(int(d) for d in s)) or s, [tf.shape(x)], tf.int32)
+            return x + tf.cast(tf.reduce_sum(shape) * 0, x.dtype)
+
+    seq = keras.Input((None, 1), name="in1")
+    out = keras.layers.Dense(1)(keras.layers.GlobalMaxPooling1D()(RecordShape()(seq)))
+    model = keras.Model({"in1": seq}, out)
+    model.compile(optimizer="sgd", loss="mse")
+    inputs = {"in1": np.ones((4, 10, 1), np.float32)}
+    arrays, structure = pack_batch(inputs, np.zeros((4, 1), np.float32))
+    np.savez(tmp_path / "batch.npz", **arrays)
+    message = {
+        "arrays": str(tmp_path / "batch.npz"), "structure": structure, "steps": 2, "prefetch": 1,
+        "rows": 4, "batch_size": 6, "sweep": [{"x.in1": [6, None]}, {"x.in1": [3, None]}],
+    }
+    reply = _trial(model, message, gpu=False)
+    assert reply["ok"] and reply["peak_rss_bytes"] > 0 and reply["seconds_per_step"] > 0
+    # The rows are cycled to the batch size first; the sweep's shorter lengths train before the full batch.
+    assert seen == [(6, 6, 1), (6, 3, 1), (6, 10, 1), (6, 10, 1)]
