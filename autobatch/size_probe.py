@@ -128,6 +128,7 @@ def fit_length_model(
     Returns:
         The model, or ``None`` with fewer than two distinct token counts measured.
     """
+    trials = _unshadowed(trials) if attr == "peak_rss_bytes" else list(trials)
     points = [
         (t.batch_size, t.length, getattr(t, attr)) for t in trials if not t.held_out and t.fits and getattr(t, attr)
     ]
@@ -154,8 +155,28 @@ def fit_length_model(
             kind = "quadratic"
             coef = (quad[0], max(quad[1], floor_per_token if quad[1] > 0 else 0.0), quad[2])
     above = [(float(p), float(bb) * n_, float(bb) * n_ * n_) for bb, n_, p in [*points, *bounds]]
-    intercept = max(p - coef[1] * t - coef[2] * tl for p, t, tl in above)
+    # One byte above the highest point: evaluating the model rounds differently, and must never land below a point.
+    intercept = max(p - coef[1] * t - coef[2] * tl for p, t, tl in above) + 1.0
     return LengthMemoryModel(intercept, float(coef[1]), float(coef[2]), kind)
+
+
+def _unshadowed(trials: Sequence[GridTrial]) -> list[GridTrial]:
+    """The trials (in the order they ran) whose host peak is their own.
+
+    TensorFlow's pool allocators keep what a trial used, so the child's RSS never
+    drops back: a trial run after one with more tokens (in the same child) only
+    measures what that one left, e.g. a bucket's confirmation at 40 × 2,046 read
+    the 882 MiB of the grid's 64 × 2,046 and shifted the fit up by 85 MiB. A child
+    stopped at the limit is replaced, so a stopped trial shadows nothing; it stays
+    a lower bound the fit passes above.
+    """
+    kept, most = [], 0
+    for trial in trials:
+        if trial.tokens >= most or not trial.fits:  # a lower bound stays one, only more conservative
+            kept.append(trial)
+        if trial.fits and trial.peak_rss_bytes:
+            most = max(most, trial.tokens)
+    return kept
 
 
 @dataclasses.dataclass(frozen=True)
