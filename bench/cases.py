@@ -110,7 +110,7 @@ class Context:
         return {
             "job": "fit",
             "rows": self.rows(size),
-            "epochs": self.sizes.epochs,
+            "epochs": self.sizes.long_epochs if size == "small" else self.sizes.epochs,
             "ram_limit": self.sizes.ram_limit,
             "safety": safety,
             "force_batch_size": force_batch_size,
@@ -225,21 +225,31 @@ def _materialize(feed: Any, dataset: Any) -> tuple[Any, int]:
     return padded.prefetch(2), epoch
 
 
-def _feed_vs_padded(model: Any, feed: Any, reps: int) -> tuple[Ratio, float]:
+def _epochs_per_run(seconds_per_epoch: float, min_run_seconds: float) -> int:
+    """Epochs each timed run trains, so that a run lasts at least ``min_run_seconds`` (short runs are mostly noise)."""
+    return max(1, math.ceil(min_run_seconds / max(seconds_per_epoch, 1e-3)))
+
+
+def _feed_vs_padded(model: Any, feed: Any, sizes: workload.Sizes) -> tuple[Ratio, float]:
     """samples/s of ``model.fit`` on ``feed`` ÷ on its own batches padded beforehand; and feed seconds/epoch."""
     dataset = feed.to_tf_dataset(workload.SIGNATURE, prefetch=2)
     _fit_epoch(model, dataset)  # warm-up: tracing, thread pools
     padded, epoch = _materialize(feed, dataset)
-    _fit_epoch(model, padded)
-    n = feed.n_samples
+    k = _epochs_per_run(timed(feed.n_samples, lambda: _fit_epoch(model, padded)).seconds, sizes.min_run_seconds)
+    n = feed.n_samples * k
 
-    def on_feed() -> Run:
-        feed.set_epoch(epoch)  # the same batches as the padded copy
-        return timed(n, lambda: _fit_epoch(model, dataset))
+    def on_feed() -> None:
+        for _ in range(k):
+            feed.set_epoch(epoch)  # the same batches as the padded copy
+            _fit_epoch(model, dataset)
+
+    def on_padded() -> None:
+        for _ in range(k):
+            _fit_epoch(model, padded)
 
     before = feed.stats.seconds
-    results = interleave({"feed": on_feed, "padded": lambda: timed(n, lambda: _fit_epoch(model, padded))}, reps)
-    feed_seconds = (feed.stats.seconds - before) / reps
+    results = interleave({"feed": lambda: timed(n, on_feed), "padded": lambda: timed(n, on_padded)}, sizes.reps)
+    feed_seconds = (feed.stats.seconds - before) / (sizes.reps * k)
     return ratio(results, "feed", "padded"), feed_seconds
 
 
@@ -270,7 +280,7 @@ def feed_overhead(ctx: Context) -> list[Row]:
         x, y = workload.frame(n)
         model = workload.build_model("canonical")
         feed = _feed(x, y, batch)
-        result, feed_seconds = _feed_vs_padded(model, feed, ctx.sizes.reps)
+        result, feed_seconds = _feed_vs_padded(model, feed, ctx.sizes)
         rows.append(
             Row(
                 "feed",
@@ -292,11 +302,12 @@ def feed_overhead(ctx: Context) -> list[Row]:
     dataset = feed.to_tf_dataset(workload.SIGNATURE, prefetch=2)
     inputs, targets = workload.fixed_length(maxlen)(x, y)
     _fit_epoch(model, dataset)
-    model.fit(inputs, targets, batch_size=batch, epochs=1, verbose=0)
+    warm = timed(n, lambda: model.fit(inputs, targets, batch_size=batch, epochs=1, verbose=0))
+    k = _epochs_per_run(warm.seconds, ctx.sizes.min_run_seconds)
     results = interleave(
         {
-            "feed": lambda: timed(n, lambda: _fit_epoch(model, dataset)),
-            "numpy": lambda: timed(n, lambda: model.fit(inputs, targets, batch_size=batch, epochs=1, verbose=0)),
+            "feed": lambda: timed(n * k, lambda: model.fit(dataset, epochs=k, verbose=0, shuffle=False)),
+            "numpy": lambda: timed(n * k, lambda: model.fit(inputs, targets, batch_size=batch, epochs=k, verbose=0)),
         },
         ctx.sizes.reps,
     )
@@ -317,29 +328,41 @@ def feed_overhead(ctx: Context) -> list[Row]:
 
 
 def shard_streaming(ctx: Context) -> list[Row]:
-    """ShardFeed over Parquet and CSV shards ÷ the same batches pre-padded, at a fixed batch."""
+    """ShardFeed over Parquet and CSV shards ÷ the same batches pre-padded, at a fixed batch.
+
+    Two workloads: the canonical one (issue 6's: the ``large`` frame cut into shards, the canonical
+    model), where the target applies; and the long sequences of ``examples/shards.py`` with its pooled
+    model, the cheapest step per byte read, where the feed's own work shows the most.
+    """
     from autobatch._data import ShardSource
 
     s = ctx.sizes
     rows = []
-    for fmt, target in (("parquet", Target(0.90)), ("csv", None)):
-        files = workload.stream_shards(fmt, rows_per_shard=s.shard_rows, shards=s.stream_shards)
-        ctx.log(f"shard streaming: {len(files)} {fmt} shards of {s.shard_rows} rows, batch {s.stream_batch_size}")
-        model = workload.build_model("pooled")
-        feed = _feed(ShardSource(tuple(files), "label"), None, s.stream_batch_size, strategy="stream")
-        result, feed_seconds = _feed_vs_padded(model, feed, s.reps)
-        feed.close()
-        rows.append(
-            Row(
-                "shards",
-                f"ShardFeed ({fmt}, {len(files)} shards × {s.shard_rows:,} rows) ÷ same batches pre-padded, "
-                f"batch {s.stream_batch_size}",
-                result.value,
-                target=target,
-                detail=result.describe("feed", "pre-padded")
-                + f"; the feed spent {feed_seconds:.2f} s/epoch reading, parsing and padding",
+    workloads: list[tuple[str, str, Callable[[str], list[Path]], Target | None]] = [
+        ("canonical", "canonical",
+         lambda fmt: workload.canonical_shards(fmt, rows=ctx.rows("large"), shards=s.canonical_shards), Target(0.90)),
+        ("long sequences", "pooled",
+         lambda fmt: workload.stream_shards(fmt, rows_per_shard=s.shard_rows, shards=s.stream_shards), None),
+    ]
+    for name, model_kind, shards_of, parquet_target in workloads:
+        for fmt in ("parquet", "csv"):
+            files = shards_of(fmt)
+            ctx.log(f"shard streaming: {name}, {len(files)} {fmt} shards, {model_kind} model, batch {s.stream_batch_size}")
+            model = workload.build_model(model_kind)
+            feed = _feed(ShardSource(tuple(files), "label"), None, s.stream_batch_size, strategy="stream")
+            result, feed_seconds = _feed_vs_padded(model, feed, s)
+            feed.close()
+            rows.append(
+                Row(
+                    "shards",
+                    f"ShardFeed ({fmt}, {name}: {len(files)} shards, {feed.n_samples:,} rows, {model_kind} model) ÷ "
+                    f"same batches pre-padded, batch {s.stream_batch_size}",
+                    result.value,
+                    target=parquet_target if fmt == "parquet" else None,
+                    detail=result.describe("feed", "pre-padded")
+                    + f"; the feed spent {feed_seconds:.2f} s/epoch reading, parsing and padding",
+                )
             )
-        )
     return rows
 
 
@@ -467,16 +490,17 @@ def planning(ctx: Context) -> list[Row]:
         rows.append(
             Row(
                 "planning",
-                f"planned ÷ true largest batch under ram_limit={s.ram_limit}, {label}",
+                f"planned ÷ true largest batch under ram_limit={s.ram_limit} over {s.long_epochs} epochs, {label}",
                 batch / true if true else math.inf,
                 target=Target(0.90, 1.0),
-                detail=f"planned {batch:,} ({planned['limited_by']}); {bracket}; real runs' peaks: {tried}",
+                detail=f"planned {batch:,} ({planned['limited_by']}); {bracket}; peaks of real {s.long_epochs}-epoch "
+                f"runs: {tried}",
             )
         )
         rows.append(
             Row(
                 "planning",
-                f"predicted ÷ measured peak RSS of the autobatch.fit process, {label}",
+                f"predicted ÷ measured peak RSS of the autobatch.fit process over {s.long_epochs} epochs, {label}",
                 planned["predicted_peak_bytes"] / planned["peak_rss_bytes"],
                 target=Target(0.90, 1.10),
                 detail=f"predicted {format_bytes(planned['predicted_peak_bytes'])}, measured (VmHWM) "

@@ -59,7 +59,16 @@ class Sizes:
     reps: int
     """Interleaved repetitions of every timed comparison."""
     epochs: int
-    """Epochs of every child training run (the planning and memory benchmarks)."""
+    """Epochs of the child training runs that only need a plan (the large size)."""
+    long_epochs: int
+    """Epochs of the small size's ``autobatch.fit`` runs, the planning benchmark's: long enough for the step's
+    memory to settle (TensorFlow's allocators fragment with every new padded shape, and a run's peak rises over
+    its first ~30 epochs of 5 batches), since a plan must hold for the whole of a real training run."""
+    canonical_shards: int = 8
+    """Shards the ``large`` canonical frame is cut into for the streaming benchmark."""
+    min_run_seconds: float = 2.0
+    """Each timed run of the feed and shard benchmarks trains as many epochs (of the same batches) as it takes to
+    last this long: a run of a 0.5-second epoch varies by more than the feed's cost."""
     tutorial_batch_size: int = 8
     """The tutorial's batch size."""
     padding_batch_size: int = 64
@@ -68,8 +77,8 @@ class Sizes:
     """Rows of the XLA part of the padding benchmark (every new shape compiles, seconds each)."""
     sizes: tuple[str, ...] = ("small", "large")
     """Which sizes of the canonical workload the feed and probe benchmarks run at."""
-    safeties: tuple[float, ...] = (0.05, 0.1, 0.0)
-    """The ``safety`` margins the planning benchmark plans with (0.05, the default under ``autobatch.fit``, first)."""
+    safeties: tuple[float, ...] = (0.1, 0.05, 0.0)
+    """The ``safety`` margins the planning benchmark plans with (0.1, the default under ``autobatch.fit``, first)."""
     ram_limit: str = "1GiB"
     bisect_tolerance: float = 0.02
     """Bisection stops when the gap between fitting and failing batches is below this fraction."""
@@ -95,6 +104,7 @@ FULL = Sizes(
     stream_batch_size=256,
     reps=5,
     epochs=2,
+    long_epochs=30,
 )
 QUICK = Sizes(
     small_rows=300,
@@ -106,15 +116,18 @@ QUICK = Sizes(
     stream_batch_size=64,
     reps=1,
     epochs=1,
+    long_epochs=1,
     padding_batch_size=32,
     xla_rows=0,
     sizes=("small",),
-    safeties=(0.05,),
+    safeties=(0.1,),
     max_bisect_runs=1,
     sized_rows=300,
     sized_grid=(4, 8),
     sized_probed=False,
     sized_files=25,
+    canonical_shards=2,
+    min_run_seconds=0.0,
 )
 
 
@@ -125,6 +138,20 @@ def frame(rows: int, *, seed: int = 0) -> tuple[pd.DataFrame, pd.Series]:
     """The canonical frame (``examples/canonical.py``) as ``(x, y)``; 4,000 rows equal ``frame.parquet``."""
     data = canonical.make_frame(rows, seed=seed)
     return data.drop(columns=["label"]), data["label"]
+
+
+def canonical_shards(fmt: str, *, rows: int, shards: int) -> list[Path]:
+    """The canonical frame of ``rows`` rows (the same rows as :func:`frame`) as numbered shards of unequal size.
+
+    Written once under ``examples/data/bench`` by ``examples/canonical.py``'s own writer, which
+    cuts the frame at random points so batches run across file boundaries.
+    """
+    folder = DATA_DIR / f"canonical-{rows}-{shards}"
+    if not (folder / ".complete").exists():
+        data = canonical.make_frame(rows, seed=0)
+        canonical.write_shards(data, folder, shards=shards)
+        (folder / ".complete").write_text("ok\n")
+    return [folder / fmt / f"{i}.{fmt}" for i in range(shards)]
 
 
 def stream_shards(fmt: str, *, rows_per_shard: int, shards: int) -> list[Path]:
