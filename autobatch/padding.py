@@ -27,6 +27,7 @@ import contextvars
 import dataclasses
 import itertools
 import logging
+import operator
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -370,13 +371,22 @@ def _numeric_cells(sequences: Any) -> list[np.ndarray] | None:
     elif not isinstance(sequences, (list, tuple)):
         return None
     cells = list(sequences)
-    if not cells or not all(type(c) is np.ndarray and c.ndim and c.dtype.kind in "biuf" for c in cells):
+    # Whole-column checks through map (C loops): a per-cell Python test cost as much as copying the values.
+    if not cells or set(map(type, cells)) != {np.ndarray} or 0 in set(map(_NDIM, cells)):
+        return None
+    if not all(dtype.kind in "biuf" for dtype in set(map(_DTYPE, cells))):
         return None
     return cells
 
 
+_NDIM = operator.attrgetter("ndim")
+_DTYPE = operator.attrgetter("dtype")
+
+
 def _feature_shape(arrays: Sequence[np.ndarray]) -> tuple[int, ...]:
     """The trailing axes every non-empty sequence shares; a :class:`DataError` naming the first that differs."""
+    if set(map(_NDIM, arrays)) == {1}:
+        return ()
     feature_shape = next((a.shape[1:] for a in arrays if len(a)), arrays[0].shape[1:])
     for i, array in enumerate(arrays):
         if len(array) and array.shape[1:] != feature_shape:
