@@ -258,7 +258,7 @@ MarginOn = Literal["growth", "budget"]
 
 DEFAULT_SAFETY: Mapping[MarginOn, float] = types.MappingProxyType({"growth": 0.1, "budget": 0.1})
 """The default ``safety`` per :data:`MarginOn`. On the growth, it covers what a long run adds beyond the trials'
-sweep of padded lengths (up to 1.2% of the peak, ~4% of the growth, over 30-epoch ``autobatch.fit`` runs) and
+sweep of padded lengths (peaks up to 1.2% above the prediction, ~4% of the growth, over 30-epoch runs) and
 the trials' scatter (±10 MiB at ~1 GiB; BENCHMARKS.md, 4); on the budget, also memory a training loop autobatch
 does not run may hold."""
 
