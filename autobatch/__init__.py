@@ -19,7 +19,7 @@ from autobatch.errors import (
     PreprocessError,
     ProbeError,
 )
-from autobatch.padding import bucket_length, count_truncations, pad_columns, pad_sequences_batch
+from autobatch.padding import PadColumns, bucket_length, count_truncations, pad_columns, pad_sequences_batch
 from autobatch.plan import Bucket, BucketPlan, BudgetUse, Plan, make_bucket_plan, make_plan
 from autobatch.probe import ProbeResult, StepTrial, TensorSpec, probe
 from autobatch.size_probe import GridTrial, LengthMemoryModel, SizeAwareProbe
@@ -76,6 +76,7 @@ __all__ = [
     "MemoryReading",
     "ModelError",
     "MonitorSummary",
+    "PadColumns",
     "Plan",
     "PreprocessError",
     "ProbeError",

@@ -17,6 +17,7 @@ import traceback
 from typing import Any, TextIO
 
 from autobatch._memory import is_oom_error, peak_rss_bytes, reset_peak_rss, rss_bytes
+from autobatch._tfdata import prefetched
 
 REPLY_PREFIX = "@@autobatch "
 
@@ -214,7 +215,7 @@ def _trial(model: Any, message: dict[str, Any], gpu: bool, shard: str | None = N
     elements = [*sweep, *([element] * steps)]
     dataset = tf.data.Dataset.from_generator(lambda: iter(elements), output_signature=signature)
     dataset = dataset.apply(tf.data.experimental.assert_cardinality(len(elements)))
-    dataset = dataset.prefetch(max(int(message.get("prefetch", 2)), 1))
+    dataset = prefetched(dataset, max(int(message.get("prefetch", 2)), 1))  # as the feeds' to_tf_dataset
     gc.collect()
     reset_peak_rss()
     if gpu:

@@ -260,9 +260,11 @@ def _plan_locally(
                 _cache.store(probe_key, result.to_dict(), cache_dir)
         if in_process and result.baseline_rss_bytes is not None:
             # Training runs here: what this process holds beyond the child's runtime + model (and beyond
-            # the in-memory dataset, budgeted on its own) stays resident while training.
+            # the in-memory dataset, budgeted on its own) stays resident while training, and so will what
+            # a PadColumns feed's tf.data export builds.
             held = result.raw_bytes if result.source == "in_memory" else 0
-            options["process_extra_bytes"] = max(rss_bytes() - result.baseline_rss_bytes - held, 0)
+            extra = max(rss_bytes() - result.baseline_rss_bytes - held, 0)
+            options["process_extra_bytes"] = extra + _export_bytes(prober)
         if confirm and result.has_model:
             chosen, result = confirm_plan(prober, result, plan_budgets, **options)
             if cache:
@@ -270,6 +272,17 @@ def _plan_locally(
         else:
             chosen = make_plan(result, plan_budgets, **options)
         return chosen
+
+
+def _export_bytes(prober: Prober) -> int:
+    """What an in-memory feed's tf.data export of the prober's data will hold (a :class:`PadColumns` copy)."""
+    from autobatch._data import InMemoryData
+    from autobatch.padding import PadColumns
+
+    pad, data = prober.preprocess, prober.data
+    if not isinstance(pad, PadColumns) or not isinstance(data, InMemoryData):
+        return 0
+    return pad.export_bytes(data.x, data.y)
 
 
 def _optimizer_with_accumulation(model: Any, steps: int) -> None:

@@ -313,14 +313,7 @@ def _pad(
     *,
     column: str | None,
 ) -> np.ndarray:
-    if truncating not in ("pre", "post"):
-        raise ConfigError(f'`truncating` must be "pre" or "post". Received: truncating={truncating!r}')
-    if padding not in ("pre", "post"):
-        raise ConfigError(f'`padding` must be "pre" or "post". Received: padding={padding!r}')
-    if maxlen is not None and (not isinstance(maxlen, (int, np.integer)) or maxlen < 0):
-        raise ConfigError(f"`maxlen` must be a non-negative int or None. Received: maxlen={maxlen!r}")
-    if bucket is not None:
-        bucket_length(1, bucket)  # validates
+    _check_options(maxlen, bucket, truncating, padding)
     dtype = np.dtype(dtype)
     cells = _numeric_cells(sequences)
     if cells is not None:
@@ -332,12 +325,7 @@ def _pad(
         ends = np.cumsum(lengths).tolist()
         cells = [flat[end - k : end] for end, k in zip(ends, lengths.tolist(), strict=True)]
     n = len(lengths)
-    longest = int(lengths.max()) if n else 0
-    if bucket is None:
-        length = longest if maxlen is None else int(maxlen)
-    else:
-        length = bucket_length(longest if maxlen is None else min(longest, int(maxlen)), bucket)
-        length = length if maxlen is None else min(length, int(maxlen))
+    length = padded_length(int(lengths.max()) if n else 0, maxlen, bucket)
     shape = (n, length) + feature_shape
     out = np.zeros(shape, dtype=dtype) if value == 0 and not np.signbit(value) else np.full(shape, value, dtype=dtype)
     _record_truncation(lengths, length, column)
@@ -356,6 +344,25 @@ def _pad(
             else:
                 out[row, length - k :] = cell
     return out
+
+
+def _check_options(maxlen: int | None, bucket: Bucket | None, truncating: str, padding: str) -> None:
+    if truncating not in ("pre", "post"):
+        raise ConfigError(f'`truncating` must be "pre" or "post". Received: truncating={truncating!r}')
+    if padding not in ("pre", "post"):
+        raise ConfigError(f'`padding` must be "pre" or "post". Received: padding={padding!r}')
+    if maxlen is not None and (not isinstance(maxlen, (int, np.integer)) or maxlen < 0):
+        raise ConfigError(f"`maxlen` must be a non-negative int or None. Received: maxlen={maxlen!r}")
+    if bucket is not None:
+        bucket_length(1, bucket)  # validates
+
+
+def padded_length(longest: int, maxlen: int | None, bucket: Bucket | None) -> int:
+    """The length a batch whose longest sequence is ``longest`` is padded to (see :func:`pad_sequences_batch`)."""
+    if bucket is None:
+        return longest if maxlen is None else int(maxlen)
+    length = bucket_length(longest if maxlen is None else min(longest, int(maxlen)), bucket)
+    return length if maxlen is None else min(length, int(maxlen))
 
 
 def _numeric_cells(sequences: Any) -> list[np.ndarray] | None:
@@ -444,16 +451,134 @@ def pad_columns(
     out = {}
     for name in columns:
         cap = maxlen.get(name) if isinstance(maxlen, Mapping) else maxlen
-        try:
+        with naming_the_cell(frame[name], name, "of the batch"):
             padded = _pad(frame[name], cap, bucket, dtype, value, truncating, padding, column=str(name))
-        except DataError as exc:
-            if exc.row is None:
-                raise
-            where = f"row {exc.row} of the batch"
-            index = getattr(frame[name], "index", None)
-            if index is not None and exc.row < len(index):
-                label = index[exc.row]
-                where += f" (index label {label.item() if isinstance(label, np.generic) else label!r})"
-            raise DataError(f"column {name!r}, {where}: {exc}", row=exc.row) from exc
         out[name] = padded[..., None] if add_feature_axis else padded
     return out
+
+
+@contextlib.contextmanager
+def naming_the_cell(column: Any, name: str, of: str) -> Iterator[None]:
+    """Re-raise a :class:`DataError` about a row of ``column`` naming the column, the row and its index label."""
+    try:
+        yield
+    except DataError as exc:
+        if exc.row is None:
+            raise
+        where = f"row {exc.row} {of}"
+        index = getattr(column, "index", None)
+        if index is not None and exc.row < len(index):
+            label = index[exc.row]
+            where += f" (index label {label.item() if isinstance(label, np.generic) else label!r})"
+        raise DataError(f"column {name!r}, {where}: {exc}", row=exc.row) from exc
+
+
+@dataclasses.dataclass(frozen=True)
+class PadColumns:
+    """A ``preprocess`` that pads named sequence columns and converts the targets, which feeds can run in tf.data.
+
+    ``PadColumns(columns, ...)(batch_x, batch_y)`` returns
+    ``(pad_columns(batch_x, columns, ...), targets)``, so it works wherever a
+    ``preprocess`` function does (probes, plans, ``feed[i]``, shard feeds). An
+    :class:`~autobatch.InMemoryFeed` given one exports it natively: its
+    :meth:`~autobatch.BaseFeed.to_tf_dataset` (and so :func:`autobatch.fit`) pads
+    each batch with TensorFlow ops from ragged tensors built once, instead of in
+    Python. The batches are the same; the Python work per batch, which on a
+    machine whose cores the training step keeps busy costs its time again in
+    the step, becomes an index slice. The export keeps one copy of the padded
+    columns' values (after truncation) and of the targets, in ``dtype``, for the
+    feed's life; :func:`autobatch.plan` budgets it. ``padding="pre"``, non-finite
+    ``value`` and dict targets fall back to the Python path.
+
+    Args:
+        columns: the sequence columns to pad; the keys of the inputs dict, in this order.
+        maxlen, bucket, dtype, value, truncating, padding, add_feature_axis: as for :func:`pad_columns`.
+        target_dtype: dtype of the targets array (``None``: as they are).
+        target_axis: give 1-D targets a trailing axis of size 1 (``(n,)`` → ``(n, 1)``), as
+            a model with one output unit expects.
+
+    Raises:
+        ConfigError: an option is out of range.
+
+    Example:
+        >>> pad = autobatch.PadColumns(["in1", "in2"], add_feature_axis=True, target_axis=True)
+        >>> autobatch.fit(model, df, "label", preprocess=pad, ram_limit="8GiB")
+    """
+
+    columns: tuple[str, ...]
+    maxlen: int | None = None
+    bucket: Bucket | None = None
+    dtype: str = "float32"
+    value: float = 0.0
+    truncating: Literal["pre", "post"] = "pre"
+    padding: Literal["pre", "post"] = "post"
+    add_feature_axis: bool = False
+    target_dtype: str | None = "float32"
+    target_axis: bool = False
+
+    def __post_init__(self) -> None:
+        columns = (self.columns,) if isinstance(self.columns, str) else tuple(self.columns)
+        if not columns:
+            raise ConfigError("PadColumns needs at least one column to pad. Received: columns=()")
+        object.__setattr__(self, "columns", columns)
+        _check_options(self.maxlen, self.bucket, self.truncating, self.padding)
+        np.dtype(self.dtype)  # validates
+        if self.target_dtype is not None:
+            np.dtype(self.target_dtype)
+
+    def __call__(self, batch_x: Any, batch_y: Any) -> tuple[dict[str, np.ndarray], Any]:
+        inputs = pad_columns(
+            batch_x,
+            self.columns,
+            maxlen=self.maxlen,
+            bucket=self.bucket,
+            dtype=self.dtype,
+            value=self.value,
+            truncating=self.truncating,
+            padding=self.padding,
+            add_feature_axis=self.add_feature_axis,
+        )
+        return inputs, self.targets(batch_y)
+
+    @property
+    def pads_in_tensorflow(self) -> bool:
+        """Whether an in-memory feed's tf.data export pads with TensorFlow ops (not for ``padding="pre"`` or a
+        NaN/inf ``value``: those pad in Python)."""
+        return self.padding == "post" and bool(np.isfinite(self.value))
+
+    def export_bytes(self, x: Any, y: Any = None) -> int:
+        """Bytes an in-memory feed's tf.data export of ``x``, ``y`` holds besides them: the padded columns' values
+        after truncation (and one length per row) and the targets, in their output dtypes; 0 when it pads in Python.
+
+        Raises:
+            DataError: a cell of a padded column is not a sequence of numbers.
+        """
+        if not self.pads_in_tensorflow:
+            return 0
+        itemsize = np.dtype(self.dtype).itemsize
+        total = 0
+        for name in self.columns:
+            column = x[name]
+            cells = _numeric_cells(column)
+            if cells is not None:
+                lengths = np.fromiter(map(len, cells), dtype=np.int64, count=len(cells))
+                steps = int(np.prod(_feature_shape(cells), dtype=np.int64))
+            else:
+                with naming_the_cell(column, name, "of the data"):
+                    flat, lengths = _flatten(column, np.dtype(self.dtype))
+                steps = int(np.prod(flat.shape[1:], dtype=np.int64))
+            kept = lengths if self.maxlen is None else np.minimum(lengths, self.maxlen)
+            total += int(kept.sum()) * steps * itemsize + lengths.nbytes
+        targets = self.targets(y)
+        if isinstance(targets, Mapping):
+            return total
+        return total + (int(np.asarray(targets).nbytes) if targets is not None else 0)
+
+    def targets(self, y: Any) -> Any:
+        """``y`` (of a batch, or of the whole data) as the targets array; ``None`` stays ``None``."""
+        if y is None:
+            return None
+        if isinstance(y, Mapping):
+            return {name: self.targets(value) for name, value in y.items()}
+        array = np.asarray(y) if self.target_dtype is None else np.asarray(y, dtype=self.target_dtype)
+        return array[:, None] if self.target_axis and array.ndim == 1 else array

@@ -64,7 +64,7 @@ DEFAULT_TRIAL_BATCH_SIZES = (8, 32, 128)
 DEFAULT_SWEEP_STEPS = 48
 """Steps at shorter padded lengths before each trial's worst-case steps (see :func:`sweep_lengths`)."""
 # Part of every cache key: bump it whenever what or how the probe measures changes.
-MEASUREMENT_VERSION = 4
+MEASUREMENT_VERSION = 5
 
 
 # --------------------------------------------------------------------------- results
@@ -735,6 +735,16 @@ class Prober:
             else:
                 self._sample = sample_in_memory(self._data, k=k, seed=self._seed)
         return self._sample
+
+    @property
+    def data(self) -> InMemoryData | ShardSource:
+        """The data being probed, resolved (in-memory rows and targets, or the shard files)."""
+        return self._data
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """The ``preprocess`` being probed, resolved."""
+        return self._preprocess
 
     def cache_key(self) -> str:
         """Fingerprint of data, preprocess, model architecture, device and probe settings."""

@@ -217,12 +217,14 @@ def _materialize(feed: Any, dataset: Any) -> tuple[Any, int]:
     """
     import tensorflow as tf
 
+    from autobatch._tfdata import prefetched
+
     epoch = feed.epoch
     batches = [feed[i] for i in range(len(feed))]
     feed.set_epoch(epoch)
     padded = tf.data.Dataset.from_generator(lambda: iter(batches), output_signature=dataset.element_spec)
     padded = padded.apply(tf.data.experimental.assert_cardinality(len(batches)))
-    return padded.prefetch(2), epoch
+    return prefetched(padded, 2), epoch  # the pipeline of the feed's own to_tf_dataset(prefetch=2)
 
 
 def _epochs_per_run(seconds_per_epoch: float, min_run_seconds: float) -> int:
@@ -230,27 +232,36 @@ def _epochs_per_run(seconds_per_epoch: float, min_run_seconds: float) -> int:
     return max(1, math.ceil(min_run_seconds / max(seconds_per_epoch, 1e-3)))
 
 
-def _feed_vs_padded(model: Any, feed: Any, sizes: workload.Sizes) -> tuple[Ratio, float]:
-    """samples/s of ``model.fit`` on ``feed`` ÷ on its own batches padded beforehand; and feed seconds/epoch."""
-    dataset = feed.to_tf_dataset(workload.SIGNATURE, prefetch=2)
-    _fit_epoch(model, dataset)  # warm-up: tracing, thread pools
-    padded, epoch = _materialize(feed, dataset)
-    k = _epochs_per_run(timed(feed.n_samples, lambda: _fit_epoch(model, padded)).seconds, sizes.min_run_seconds)
-    n = feed.n_samples * k
+def _feed_vs_padded(model: Any, feeds: dict[str, Any], sizes: workload.Sizes) -> dict[str, tuple[Ratio, float]]:
+    """samples/s of ``model.fit`` on each feed ÷ on the same batches padded beforehand; and each feed's Python
+    seconds per epoch. The feeds serve the same batches (the same rows, order and preprocessing result)."""
+    datasets = {name: feed.to_tf_dataset(workload.SIGNATURE, prefetch=2) for name, feed in feeds.items()}
+    for dataset in datasets.values():
+        _fit_epoch(model, dataset)  # warm-up: tracing, thread pools
+    first = next(iter(feeds.values()))
+    padded, epoch = _materialize(first, datasets[next(iter(feeds))])
+    k = _epochs_per_run(timed(first.n_samples, lambda: _fit_epoch(model, padded)).seconds, sizes.min_run_seconds)
+    n = first.n_samples * k
 
-    def on_feed() -> None:
-        for _ in range(k):
-            feed.set_epoch(epoch)  # the same batches as the padded copy
-            _fit_epoch(model, dataset)
+    def on(feed: Any, dataset: Any) -> Callable[[], Run]:
+        def run() -> None:
+            for _ in range(k):
+                feed.set_epoch(epoch)  # the same batches as the padded copy
+                _fit_epoch(model, dataset)
+
+        return lambda: timed(n, run)
 
     def on_padded() -> None:
         for _ in range(k):
             _fit_epoch(model, padded)
 
-    before = feed.stats.seconds
-    results = interleave({"feed": lambda: timed(n, on_feed), "padded": lambda: timed(n, on_padded)}, sizes.reps)
-    feed_seconds = (feed.stats.seconds - before) / (sizes.reps * k)
-    return ratio(results, "feed", "padded"), feed_seconds
+    before = {name: feed.stats.seconds for name, feed in feeds.items()}
+    runs = {name: on(feed, datasets[name]) for name, feed in feeds.items()}
+    results = interleave({**runs, "padded": lambda: timed(n, on_padded)}, sizes.reps)
+    return {
+        name: (ratio(results, name, "padded"), (feed.stats.seconds - before[name]) / (sizes.reps * k))
+        for name, feed in feeds.items()
+    }
 
 
 def _feed(x: Any, y: Any, batch_size: int, preprocess: Any = workload.preprocess, **options: Any) -> Any:
@@ -276,21 +287,26 @@ def feed_overhead(ctx: Context) -> list[Row]:
     for size in ctx.sizes.sizes:
         batch = ctx.planned(size)["batch_size"]
         n = ctx.rows(size)
-        ctx.log(f"feed overhead: {size}, {n} rows at the planned batch {batch}")
+        ctx.log(f"feed overhead: {size}, {n} rows at the planned batch {batch}, PadColumns and a Python function")
         x, y = workload.frame(n)
         model = workload.build_model("canonical")
-        feed = _feed(x, y, batch)
-        result, feed_seconds = _feed_vs_padded(model, feed, ctx.sizes)
-        rows.append(
-            Row(
-                "feed",
-                f"InMemoryFeed ÷ same batches pre-padded (numpy), {size} ({n:,} rows), batch {batch}",
-                result.value,
-                target=Target(0.97),
-                detail=result.describe("feed", "pre-padded")
-                + f"; the feed spent {feed_seconds:.2f} s/epoch producing batches",
+        feeds = {"PadColumns": _feed(x, y, batch, workload.PAD), "function": _feed(x, y, batch)}
+        results = _feed_vs_padded(model, feeds, ctx.sizes)
+        for name, what, target in (
+            ("PadColumns", "preprocess=autobatch.PadColumns(...), padded by TensorFlow", Target(0.97)),
+            ("function", "preprocess a Python function calling pad_columns", None),
+        ):
+            result, feed_seconds = results[name]
+            rows.append(
+                Row(
+                    "feed",
+                    f"InMemoryFeed ({what}) ÷ same batches pre-padded (numpy), {size} ({n:,} rows), batch {batch}",
+                    result.value,
+                    target=target,
+                    detail=result.describe("feed", "pre-padded")
+                    + f"; the feed spent {feed_seconds:.2f} s/epoch in Python producing batches",
+                )
             )
-        )
     # The literal reading: the whole dataset padded once to its longest sequence, fed by Keras' own array path.
     batch = ctx.planned("small")["batch_size"]
     n = ctx.rows("small")
@@ -321,7 +337,35 @@ def feed_overhead(ctx: Context) -> list[Row]:
             detail=result.describe("feed", "model.fit(numpy)"),
         )
     )
+    rows.append(_pydataset_vs_export(ctx, ctx.sizes.sizes[-1]))
     return rows
+
+
+def _pydataset_vs_export(ctx: Context, size: str) -> Row:
+    """``model.fit(feed)`` (Keras' ``PyDataset`` pipeline, tf.data autotuning on) ÷ ``model.fit(feed.to_tf_dataset())``."""
+    batch = ctx.planned(size)["batch_size"]
+    n = ctx.rows(size)
+    epochs = ctx.sizes.fit_epochs
+    ctx.log(f"feed overhead: {size}, model.fit(feed) vs model.fit(feed.to_tf_dataset()), {epochs} epochs a fit")
+    x, y = workload.frame(n)
+    model = workload.build_model("canonical")
+    feed = _feed(x, y, batch)
+    dataset = feed.to_tf_dataset(workload.SIGNATURE, prefetch=2)
+    for data in (feed, dataset):  # warm-up: each pipeline traces its own step
+        model.fit(data, epochs=1, verbose=0)
+
+    def fit(data: Any) -> Callable[[], Run]:
+        return lambda: timed(n * epochs, lambda: model.fit(data, epochs=epochs, verbose=0))
+
+    results = interleave({"PyDataset": fit(feed), "to_tf_dataset": fit(dataset)}, ctx.sizes.reps)
+    result = ratio(results, "PyDataset", "to_tf_dataset")
+    return Row(
+        "feed",
+        f"model.fit(feed), Keras' PyDataset pipeline ÷ model.fit(feed.to_tf_dataset()), {size}, batch {batch}, "
+        f"{epochs} epochs a fit",
+        result.value,
+        detail=result.describe("model.fit(feed)", "to_tf_dataset"),
+    )
 
 
 # --------------------------------------------------------------------------- 2. shard streaming
@@ -350,7 +394,7 @@ def shard_streaming(ctx: Context) -> list[Row]:
             ctx.log(f"shard streaming: {name}, {len(files)} {fmt} shards, {model_kind} model, batch {s.stream_batch_size}")
             model = workload.build_model(model_kind)
             feed = _feed(ShardSource(tuple(files), "label"), None, s.stream_batch_size, strategy="stream")
-            result, feed_seconds = _feed_vs_padded(model, feed, s)
+            result, feed_seconds = _feed_vs_padded(model, {"feed": feed}, s)["feed"]
             feed.close()
             rows.append(
                 Row(

@@ -69,6 +69,9 @@ class Sizes:
     min_run_seconds: float = 2.0
     """Each timed run of the feed and shard benchmarks trains as many epochs (of the same batches) as it takes to
     last this long: a run of a 0.5-second epoch varies by more than the feed's cost."""
+    fit_epochs: int = 8
+    """Epochs of each ``model.fit`` call comparing Keras' ``PyDataset`` path with ``to_tf_dataset`` (Keras makes a
+    new iterator every epoch, which is where the two pipelines differ)."""
     tutorial_batch_size: int = 8
     """The tutorial's batch size."""
     padding_batch_size: int = 64
@@ -128,6 +131,7 @@ QUICK = Sizes(
     sized_files=25,
     canonical_shards=2,
     min_run_seconds=0.0,
+    fit_epochs=1,
 )
 
 
@@ -239,6 +243,10 @@ def preprocess(batch_x: Any, batch_y: Any) -> tuple[dict[str, np.ndarray], np.nd
     """autobatch's way: vectorised padding to the batch's longest sequence (CSV strings parsed too)."""
     inputs = autobatch.pad_columns(batch_x, COLUMNS, add_feature_axis=True)
     return inputs, np.asarray(batch_y, dtype=np.float32).reshape(-1, 1)
+
+
+PAD = autobatch.PadColumns(COLUMNS, add_feature_axis=True, target_axis=True)
+"""``preprocess`` as a :class:`autobatch.PadColumns`: the same batches, padded by TensorFlow in an in-memory feed."""
 
 
 def bucketed(bucket: autobatch.padding.Bucket | None) -> Any:

@@ -197,6 +197,24 @@ def test_fit_in_memory_trains_at_the_plan_and_reports(tmp_path):
     assert (tmp_path / "run.jsonl").read_text().count('"type": "summary"') == 1
 
 
+def test_fit_with_pad_columns_pads_in_tensorflow_and_budgets_the_copy_it_holds(monkeypatch):
+    frame = _learnable(600, seed=1)
+    x, y = frame.drop(columns=["label"]), frame["label"]
+    pad = autobatch.PadColumns(["in1", "in2"], add_feature_axis=True, target_axis=True)
+    # Nothing else held by this process, so its part of the plan is exactly what the export will hold.
+    monkeypatch.setattr("autobatch.api.rss_bytes", lambda: 0)
+    history = autobatch.fit(
+        canonical.build_model(), x, y, preprocess=pad, epochs=3, ram_limit="4GiB", max_batch_size=64, cache=False,
+        monitor=False,
+    )
+    losses = history.history["loss"]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    copy = pad.export_bytes(x, y)
+    assert copy > 600 * 4, "the export holds the padded columns' values and the targets"
+    host = dict(history.autobatch_plan.budget("host").components)
+    assert host["this process"] == copy, host
+
+
 def test_fit_streams_shards_and_sees_every_row(tmp_path):
     frame = _learnable(400, seed=1)
     canonical.write_shards(frame, tmp_path, shards=4)

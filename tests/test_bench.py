@@ -41,14 +41,18 @@ def test_interleave_alternates_the_order_of_variants():
     assert [r.rate for r in results["a"]] == [100.0, 100.0, 100.0]
 
 
-def test_ratio_compares_the_fastest_runs_and_reports_the_pairs():
+def test_ratio_is_the_median_pair_and_reports_best_over_best():
     a = tuple(measure.Run(100, s, cpu_seconds=1.0) for s in (1.0, 2.0, 4.0))
     b = tuple(measure.Run(100, s, cpu_seconds=2.0) for s in (4.0, 0.5, 1.0))
     result = measure.Ratio(a, b)
-    assert result.value == 0.5  # best 100/s ÷ best 200/s
     assert result.per_rep == [4.0, 0.25, 0.25]
+    assert result.value == 0.25  # the median pair, not one variant's lucky phase
+    assert result.best == 0.5  # best 100/s ÷ best 200/s
     assert result.cpu_value == 2.0
-    assert "range 0.25–4.00" in result.describe("a", "b")
+    text = result.describe("a", "b")
+    assert "median of 3 interleaved pairs, range 0.25–4.00; best ÷ best 0.50" in text
+    single = measure.Ratio(a[:1], b[:1])
+    assert single.value == single.best == 4.0
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import concurrent.futures
+import contextlib
 import json
 import math
 import os
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -22,6 +24,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+import autobatch
 from autobatch._data import ShardInfo, ShardSource
 from autobatch._memory import Budget
 from autobatch.errors import AutobatchError, ConfigError, DataError, PreprocessError
@@ -259,7 +262,7 @@ def test_fuzz_shard_batch_cutting_serves_every_row_exactly_once(
             # Served in pieces (adaptive), with the split changing mid-epoch: the same rows, in the same order.
             rows: list[int] = []
             pieces = []
-            for k, element in enumerate(feed._pass_elements(lambda batch, i: batch, rows, True)):
+            for k, element in enumerate(feed._pass_elements(feed._serve, rows, True)):
                 pieces.append(np.asarray(element[0]["id"]))
                 if shrink is not None and k == shrink[0]:
                     feed.shrink(shrink[1])
@@ -1055,3 +1058,174 @@ def test_keras_fit_interrupted_by_ctrl_c_resumes_with_a_whole_epoch() -> None:
     assert len(served) == 2 * 200
     for epoch in range(2):
         assert sorted(served[epoch * 200 : (epoch + 1) * 200]) == list(range(200))
+
+
+@pytest.mark.parametrize("prefetch", [2, 0])
+def test_tf_dataset_prefetches_the_fixed_number_of_batches_with_autotuning_off(prefetch: int) -> None:
+    frame = table(200)
+    made: list[int] = []
+
+    def preprocess(batch_x: pd.DataFrame, batch_y: pd.Series):
+        made.append(len(batch_x))
+        return {"a": batch_x["a"].to_numpy()}, batch_y.to_numpy("float32")
+
+    feed = InMemoryFeed(frame, "label", batch_size=10, preprocess=preprocess, seed=1)
+    dataset = feed.to_tf_dataset(prefetch=prefetch)
+    assert dataset.options().autotune.enabled is False
+    made.clear()  # the signature look
+    iterator = iter(dataset)
+    next(iterator)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(made) < 1 + prefetch:
+        time.sleep(0.01)
+    time.sleep(0.3)  # room to run further ahead than the buffer, if it could
+    # The element handed out, the buffer, and at most one batch the producer is making for a full buffer.
+    assert 1 + prefetch <= len(made) <= 2 + prefetch
+    assert sum(len(x["a"]) for x, _ in iterator) == 200 - 10
+
+
+def test_tf_dataset_with_autotune_prefetch_keeps_tf_data_autotuning() -> None:
+    feed = InMemoryFeed(table(50), "label", batch_size=10, seed=1)
+    dataset = feed.to_tf_dataset(prefetch="autotune")
+    assert dataset.options().autotune.enabled is not False
+    assert sum(int(y.shape[0]) for _, y in dataset) == 50
+    assert feed.to_tf_dataset().options().autotune.enabled is False, "the default is a fixed prefetch of 2"
+
+
+# --------------------------------------------------------------------------- PadColumns: padded by TensorFlow
+
+
+def sequences(n: int = 150, *, seed: int = 0, features: int | None = None) -> pd.DataFrame:
+    """``s1`` (float32 arrays, some empty) and ``s2`` (lists of floats) of lengths 0-60, ``id`` and a label,
+    indexed by labels that are not positions."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, 61, size=(n, 2))
+    lengths[::17, 0] = 0
+    shape = (lambda k: (k,)) if features is None else (lambda k: (k, features))
+    return pd.DataFrame(
+        {
+            "id": np.arange(n),
+            "s1": [rng.standard_normal(shape(k)).astype(np.float32) for k in lengths[:, 0]],
+            "s2": [rng.standard_normal(k).round(3).tolist() for k in lengths[:, 1]],
+            "label": rng.integers(0, 2, n).astype(np.float64),
+        },
+        index=pd.RangeIndex(1000, 1000 + n),
+    )
+
+
+SEQUENCES_SIGNATURE = (
+    TensorSpec("x/s1", "float32", (None, None)),
+    TensorSpec("x/s2", "float32", (None, None)),
+    TensorSpec("y", "float32", (None,)),
+)
+
+
+def _epochs_of(dataset: Any, epochs: int) -> list[list[np.ndarray]]:
+    import tensorflow as tf
+
+    return [[np.asarray(a) for a in tf.nest.flatten(element)] for _ in range(epochs) for element in dataset]
+
+
+def _native_and_python(frame: pd.DataFrame, pad: autobatch.PadColumns, **options: Any) -> tuple[InMemoryFeed, ...]:
+    """The same feed twice: ``pad`` itself (TensorFlow pads) and ``pad`` wrapped in a function (Python pads)."""
+    return tuple(
+        InMemoryFeed(frame, "label", batch_size=32, preprocess=p, seed=5, **options)
+        for p in (pad, lambda bx, by: pad(bx, by))
+    )
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"maxlen": 25},
+        {"maxlen": 25, "truncating": "post", "bucket": 8},
+        {"bucket": "pow2", "value": -1.0, "dtype": "float64", "target_axis": True},
+        {"maxlen": 70, "target_dtype": None},
+    ],
+)
+def test_pad_columns_feed_pads_in_tensorflow_the_batches_python_pads(options: dict[str, Any]) -> None:
+    pad = autobatch.PadColumns(["s1", "s2"], add_feature_axis=True, **options)
+    native, python = _native_and_python(sequences(), pad)
+    with pytest.warns(UserWarning, match="truncated") if options.get("maxlen") == 25 else contextlib.nullcontext():
+        got = _epochs_of(native.to_tf_dataset(infer_batches=10), 2)
+    assert native.native_bytes > 0, "TensorFlow padded these batches"
+    with pytest.warns(UserWarning, match="truncated") if options.get("maxlen") == 25 else contextlib.nullcontext():
+        want = _epochs_of(python.to_tf_dataset(infer_batches=10), 2)
+    assert len(got) == len(want) == 2 * len(native)
+    for a, b in zip(got, want, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert x.dtype == y.dtype and x.shape == y.shape
+            np.testing.assert_array_equal(x, y)
+    assert native.epoch == python.epoch == 2
+    assert native.stats.batches == python.stats.batches == 2 * len(native)
+    assert native.stats.truncated_sequences == python.stats.truncated_sequences
+    assert native.stats.truncated_by_column == python.stats.truncated_by_column
+    if options.get("maxlen") == 25:
+        assert native.stats.truncated_sequences > 0
+    assert native.native_bytes == pad.export_bytes(sequences().drop(columns="label"), sequences()["label"])
+
+
+def test_pad_columns_feed_pads_feature_cells_weights_and_split_rows_as_python_does() -> None:
+    frame = sequences(features=3)
+    frame["s2"] = frame["s2"].map(lambda v: " ".join(map(str, v)))  # CSV-style text cells
+    weights = np.linspace(0.5, 1.5, len(frame)).astype(np.float32)
+    pad = autobatch.PadColumns(["s1", "s2"], target_axis=True)
+    native, python = _native_and_python(frame, pad, sample_weight=weights)
+    for whole, part in zip(native.split(0.3), python.split(0.3), strict=True):
+        got, want = _epochs_of(whole.to_tf_dataset(infer_batches=10), 2), _epochs_of(part.to_tf_dataset(infer_batches=10), 2)
+        assert whole.native_bytes > 0
+        for a, b in zip(got, want, strict=True):
+            assert len(a) == 4  # s1, s2, targets, weights
+            for x, y in zip(a, b, strict=True):
+                np.testing.assert_array_equal(x, y)
+
+
+def test_pad_columns_with_pre_padding_pads_in_python() -> None:
+    pad = autobatch.PadColumns(["s1", "s2"], padding="pre", add_feature_axis=True)
+    native, python = _native_and_python(sequences(), pad)
+    got, want = _epochs_of(native.to_tf_dataset(infer_batches=10), 1), _epochs_of(python.to_tf_dataset(infer_batches=10), 1)
+    assert native.native_bytes == 0 and not pad.pads_in_tensorflow and pad.export_bytes(sequences(), None) == 0
+    for a, b in zip(got, want, strict=True):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_pad_columns_feed_names_the_data_row_of_nan_values() -> None:
+    import tensorflow as tf
+
+    frame = sequences()
+    frame.at[1018, "s1"] = np.where(np.arange(len(frame.at[1018, "s1"])) == 2, np.nan, frame.at[1018, "s1"]).astype(
+        np.float32
+    )
+    pad = autobatch.PadColumns(["s1", "s2"])
+    feed = InMemoryFeed(frame, "label", batch_size=32, preprocess=pad, nan_policy="error", seed=5)
+    dataset = feed.to_tf_dataset(SEQUENCES_SIGNATURE)
+    with pytest.raises(tf.errors.OpError, match=r"x/s1 holds 1 NaN/inf value\(s\) in 1 row\(s\).*row 18 of the "
+                       r"data \(index label 1018\)"):
+        list(dataset)
+    assert isinstance(feed._pop_failure(), DataError) and feed.epoch == 0
+    warned = InMemoryFeed(frame, "label", batch_size=32, preprocess=pad, seed=5)
+    with pytest.warns(RuntimeWarning, match="x/s1 holds 1 NaN/inf"):
+        list(warned.to_tf_dataset(SEQUENCES_SIGNATURE))
+    assert warned.stats.nonfinite_batches == 1 and warned.native_bytes > 0
+
+
+def test_pad_columns_feed_names_the_column_and_row_of_a_cell_that_is_not_numbers() -> None:
+    frame = sequences()
+    frame["s2"] = frame["s2"].map(lambda v: " ".join(map(str, v)))
+    frame.at[1040, "s2"] = "1.0 abc 2"
+    feed = InMemoryFeed(frame, "label", batch_size=32, preprocess=autobatch.PadColumns(["s1", "s2"]), shuffle=False)
+    with pytest.raises(DataError, match=r"column 's2', row 40 of the data \(index label 1040\)"):
+        feed.to_tf_dataset(SEQUENCES_SIGNATURE)
+
+
+def test_pad_columns_is_the_preprocess_it_describes_and_checks_its_options() -> None:
+    frame = sequences(20)
+    inputs, targets = autobatch.PadColumns("s1", maxlen=10, target_axis=True)(frame, frame["label"])
+    np.testing.assert_array_equal(inputs["s1"], pad_columns(frame, ["s1"], maxlen=10)["s1"])
+    assert targets.shape == (20, 1) and targets.dtype == np.float32
+    with pytest.raises(ConfigError, match="truncating"):
+        autobatch.PadColumns(["s1"], truncating="middle")
+    with pytest.raises(ConfigError, match="at least one column"):
+        autobatch.PadColumns([])

@@ -33,15 +33,19 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import keras
 import numpy as np
 
+from autobatch._tfdata import prefetched
 from autobatch._units import format_bytes
 from autobatch.errors import AutobatchError, ConfigError, DataError, PreprocessError
-from autobatch.padding import count_truncations
+from autobatch.padding import Truncations, count_truncations
 from autobatch.probe import Preprocess, TensorSpec, _leaves, _resolve_preprocess
+
+if TYPE_CHECKING:
+    from autobatch.feeds.native import NativePadding
 
 logger = logging.getLogger(__name__)
 
@@ -328,20 +332,25 @@ class BaseFeed(keras.utils.PyDataset):
         inputs, targets = result
         self._check(inputs, targets, hi - lo, where, raw.origin, record=record)
         if record:
-            with self._lock:
-                self.stats.batches += 1
-                self.stats.seconds += time.perf_counter() - started
-                if cut.sequences:
-                    self.stats.truncated_sequences += cut.sequences
-                    for name, count in cut.by_column.items():
-                        self.stats.truncated_by_column[name] = self.stats.truncated_by_column.get(name, 0) + count
-            if cut.sequences:
-                self._report_truncation(cut.sequences, cut.by_column, cut.maxlen, where)
+            self._record_batch(started, cut, where)
         if targets is None:
             return (inputs,)
         if raw.sample_weight is not None:
             return inputs, targets, raw.sample_weight
         return inputs, targets
+
+    def _record_batch(self, started: float, cut: Truncations, where: str, *, nonfinite: bool = False) -> None:
+        """Count a batch served since ``started`` (``perf_counter``), the sequences cut in it, and report the cuts."""
+        with self._lock:
+            self.stats.batches += 1
+            self.stats.seconds += time.perf_counter() - started
+            self.stats.nonfinite_batches += int(nonfinite)
+            if cut.sequences:
+                self.stats.truncated_sequences += cut.sequences
+                for name, count in cut.by_column.items():
+                    self.stats.truncated_by_column[name] = self.stats.truncated_by_column.get(name, 0) + count
+        if cut.sequences:
+            self._report_truncation(cut.sequences, cut.by_column, cut.maxlen, where)
 
     def _call_preprocess(self, raw: RawBatch) -> Any:
         """``preprocess`` on one batch's rows (a size-aware feed also pads to the batch's bucket)."""
@@ -428,24 +437,29 @@ class BaseFeed(keras.utils.PyDataset):
             if bad_rows is None:
                 continue
             found = True
-            first = int(np.argmax(bad_rows))
-            values = int((~np.isfinite(array)).sum())
-            message = (
-                f"{name} holds {values} NaN/inf value(s) in {int(bad_rows.sum())} row(s) on {where}; the first is row "
-                f"{first} of the batch" + (f" ({origin(first)})" if origin is not None else "") + ". NaN or inf "
-                "inputs make the loss NaN: clean the data (or what preprocess computes from it)"
-            )
-            if self.nan_policy == "error":
-                raise DataError(message + ", or pass nan_policy='warn' or 'ignore'.")
-            self._warn_once(
-                f"nonfinite:{name}",
-                message + ". Later batches are counted in feed.stats.nonfinite_batches, not warned about again; "
-                "pass nan_policy='error' to stop at the first one or 'ignore' to skip the check.",
-                RuntimeWarning,
-            )
+            self._report_nonfinite(name, int((~np.isfinite(array)).sum()), bad_rows, where, origin)
         if found and record:
             with self._lock:
                 self.stats.nonfinite_batches += 1
+
+    def _report_nonfinite(
+        self, name: str, values: int, bad_rows: np.ndarray, where: str, origin: Callable[[int], str] | None
+    ) -> None:
+        """Warn once about (or, with ``nan_policy="error"``, raise on) ``values`` NaN/inf in the rows ``bad_rows`` flags."""
+        first = int(np.argmax(bad_rows))
+        message = (
+            f"{name} holds {values} NaN/inf value(s) in {int(bad_rows.sum())} row(s) on {where}; the first is row "
+            f"{first} of the batch" + (f" ({origin(first)})" if origin is not None else "") + ". NaN or inf "
+            "inputs make the loss NaN: clean the data (or what preprocess computes from it)"
+        )
+        if self.nan_policy == "error":
+            raise DataError(message + ", or pass nan_policy='warn' or 'ignore'.")
+        self._warn_once(
+            f"nonfinite:{name}",
+            message + ". Later batches are counted in feed.stats.nonfinite_batches, not warned about again; "
+            "pass nan_policy='error' to stop at the first one or 'ignore' to skip the check.",
+            RuntimeWarning,
+        )
 
     # ------------------------------------------------------------------ memory pressure
 
@@ -551,10 +565,10 @@ class BaseFeed(keras.utils.PyDataset):
         output_signature: Sequence[TensorSpec] | None = None,
         *,
         infer_batches: int = 2,
-        prefetch: int | Literal["autotune"] = "autotune",
+        prefetch: int | Literal["autotune"] = 2,
         adaptive: bool = False,
     ) -> Any:
-        """This feed as a ``tf.data.Dataset`` of the same batches, prefetched with ``AUTOTUNE``.
+        """This feed as a ``tf.data.Dataset`` of the same batches, ``prefetch`` of them produced ahead.
 
         Each full pass over the dataset is one epoch of the feed: as the last
         batch is produced the feed moves to the next epoch's shuffle order, as
@@ -567,8 +581,10 @@ class BaseFeed(keras.utils.PyDataset):
                 built with, else inferred from the first ``infer_batches``
                 batches (axes that differ between them become ``None``).
             infer_batches: how many batches to look at when inferring.
-            prefetch: batches to prefetch: ``"autotune"`` (tf.data decides), or a fixed
-                number — what a memory plan budgets (``plan.queue_batches``).
+            prefetch: batches to prefetch: a fixed number — what a memory plan budgets
+                (``plan.queue_batches``, 2 by default) — or ``"autotune"`` (tf.data decides,
+                and may hold more than the plan budgets). A fixed number also turns tf.data's
+                autotuning off for this pipeline (see :func:`prefetched`).
             adaptive: follow :meth:`shrink`: each batch is produced in ``self.pieces``
                 pieces, so an epoch may hold more elements than ``len(self)``. The
                 dataset then reports the rows per epoch as its ``cardinality()`` (an
@@ -604,25 +620,32 @@ class BaseFeed(keras.utils.PyDataset):
         # e.g. a validation feed's shards through the whole training epoch.
         self.close()
         flat_specs = tf.nest.flatten(signature)
+        native = None if adaptive else self._native_export(signature)
 
-        def as_tf(batch: tuple[Any, ...], index: int) -> tuple[Any, ...]:
-            return self._conform(batch, flat_specs, f"batch {index}")
+        def make(lo: int, hi: int, index: int) -> tuple[Any, ...]:
+            if native is not None:
+                return native.element(lo, hi, index)
+            return self._conform(self._serve(lo, hi, index), flat_specs, f"batch {index}")
 
         def generate() -> Iterator[tuple[Any, ...]]:
             rows_log: list[tuple[int, int]] = []
             with self._lock:
                 self._pass = rows_log  # what the monitor reads: (rows, pieces of its batch) of each element, in order
             try:
-                yield from self._pass_elements(as_tf, rows_log, adaptive)
+                yield from self._pass_elements(make, rows_log, adaptive)
             except AutobatchError as exc:
                 with self._lock:
                     self._failure = exc  # TensorFlow re-raises it as UnknownError; autobatch.fit restores it
                 raise
 
-        dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
+        if native is None:
+            dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
+        else:  # the generator hands out row indices; TensorFlow gathers and pads them
+            dataset = tf.data.Dataset.from_generator(generate, output_signature=native.index_signature)
+            dataset = dataset.map(native.assemble)
         if not adaptive:
             dataset = dataset.apply(tf.data.experimental.assert_cardinality(count))
-        dataset = dataset.prefetch(tf.data.AUTOTUNE if prefetch == "autotune" else int(prefetch))
+        dataset = prefetched(dataset, prefetch)
         if adaptive:
             upper = count * self.batch_size if self.drop_remainder else self.n_samples
             dataset.cardinality = lambda: tf.constant(upper, dtype=tf.int64)
@@ -634,22 +657,30 @@ class BaseFeed(keras.utils.PyDataset):
 
         converted = tuple(_map_leaves(part, lambda _, leaf: np.asarray(leaf), "") for part in batch)
         for spec, array in zip(flat_specs, tf.nest.flatten(converted), strict=True):
-            if not spec.shape.is_compatible_with(array.shape):
-                raise PreprocessError(
-                    f"{what} of epoch {self._epoch} gives {spec.name} the shape {array.shape}, "
-                    f"which does not fit the dataset's signature {spec.shape}. Pass "
-                    "output_signature=plan.probe.output_signature (axes that vary are None there) "
-                    "or pad that axis to a fixed length."
-                )
+            self._check_shape(spec, array.shape, what)
         return converted
+
+    def _check_shape(self, spec: Any, shape: tuple[int, ...], what: str) -> None:
+        """A :class:`PreprocessError` when ``shape`` does not fit the dataset's ``tf.TensorSpec`` ``spec``."""
+        if not spec.shape.is_compatible_with(shape):
+            raise PreprocessError(
+                f"{what} of epoch {self._epoch} gives {spec.name} the shape {shape}, "
+                f"which does not fit the dataset's signature {spec.shape}. Pass "
+                "output_signature=plan.probe.output_signature (axes that vary are None there) "
+                "or pad that axis to a fixed length."
+            )
+
+    def _native_export(self, signature: Any) -> NativePadding | None:
+        """How to make this feed's batches with TensorFlow ops for ``to_tf_dataset``; ``None``: in Python."""
+        return None
 
     def _pass_elements(
         self,
-        as_tf: Callable[[tuple[Any, ...], int], tuple[Any, ...]],
+        make: Callable[[int, int, int], tuple[Any, ...]],
         rows_log: list[tuple[int, int]],
         adaptive: bool,
     ) -> Iterator[tuple[Any, ...]]:
-        """One epoch's elements: each batch whole, or (``adaptive``) in ``self.pieces`` pieces."""
+        """One epoch's elements, ``make(lo, hi, batch)``: each batch whole, or (``adaptive``) in ``self.pieces`` pieces."""
         count = len(self)
         for i in range(count):
             lo, hi = self.batch_bounds(i)
@@ -657,7 +688,7 @@ class BaseFeed(keras.utils.PyDataset):
             pieces = min(split, hi - lo)
             cuts = np.linspace(lo, hi, pieces + 1).round().astype(np.int64)
             for j in range(pieces):
-                element = as_tf(self._serve(int(cuts[j]), int(cuts[j + 1]), i), i)
+                element = make(int(cuts[j]), int(cuts[j + 1]), i)
                 rows_log.append((int(cuts[j + 1] - cuts[j]), split))
                 if i == count - 1 and j == pieces - 1:
                     # The epoch is complete once its last batch exists: advance now, not after the consumer asks

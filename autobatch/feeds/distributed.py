@@ -41,6 +41,7 @@ import numpy as np
 
 from autobatch._distribute import Layout, current_strategy, strategy_layout
 from autobatch.errors import AutobatchError, ConfigError
+from autobatch._tfdata import prefetched
 from autobatch.feeds.base import BaseFeed
 from autobatch.feeds.shards import ShardFeed
 from autobatch.probe import TensorSpec
@@ -341,7 +342,7 @@ def distribute_feed(
     dataset = dataset.apply(tf.data.experimental.assert_cardinality(steps * replicas))
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    dataset = dataset.with_options(options).prefetch(max(int(prefetch), 1))
+    dataset = prefetched(dataset.with_options(options), max(int(prefetch), 1))
     if replicas > 1:
         # Each step takes one element per local replica: Keras counts steps from the cardinality.
         dataset.cardinality = lambda: tf.constant(steps, dtype=tf.int64)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -11,6 +11,10 @@ import pandas as pd
 from autobatch._data import InMemoryData, as_in_memory
 from autobatch.errors import ConfigError, DataError
 from autobatch.feeds.base import BaseFeed, RawBatch, check_fraction
+from autobatch.padding import PadColumns
+
+if TYPE_CHECKING:
+    from autobatch.feeds.native import NativePadding, NativeStore
 
 logger = logging.getLogger(__name__)
 
@@ -109,11 +113,30 @@ class InMemoryFeed(BaseFeed):
         return feed
 
     def _runtime_keys(self) -> tuple[str, ...]:
-        return (*super()._runtime_keys(), "_order")
+        return (*super()._runtime_keys(), "_order", "_native")
 
     def _init_runtime(self) -> None:
         super()._init_runtime()
         self._order: tuple[int, np.ndarray] | None = None
+        self._native: NativeStore | None = None
+
+    def _native_export(self, signature: Any) -> NativePadding | None:
+        """With a :class:`~autobatch.PadColumns` ``preprocess``, TensorFlow pads the batches (see ``feeds.native``)."""
+        from autobatch.feeds import native
+
+        pad = self.preprocess
+        if not isinstance(pad, PadColumns) or not pad.pads_in_tensorflow:
+            return None
+        if self._native is None:
+            self._native = native.build_store(self, pad)
+        if self._native is None:
+            return None
+        return native.NativePadding.export(self, pad, self._native, signature)
+
+    @property
+    def native_bytes(self) -> int:
+        """Bytes the tf.data export holds besides the data (padded values and targets; 0 before one, or in Python)."""
+        return 0 if self._native is None else self._native.nbytes
 
     @property
     def n_samples(self) -> int:
