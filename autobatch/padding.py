@@ -487,8 +487,9 @@ class PadColumns:
     machine whose cores the training step keeps busy costs its time again in
     the step, becomes an index slice. The export keeps one copy of the padded
     columns' values (after truncation) and of the targets, in ``dtype``, for the
-    feed's life; :func:`autobatch.plan` budgets it. ``padding="pre"``, non-finite
-    ``value`` and dict targets fall back to the Python path.
+    feed's life; :func:`autobatch.plan` budgets it. ``feed.stats.seconds`` then
+    counts only the Python part of each batch. ``padding="pre"``, a non-finite
+    ``value``, dict targets and ``adaptive`` exports pad in Python.
 
     Args:
         columns: the sequence columns to pad; the keys of the inputs dict, in this order.

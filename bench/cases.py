@@ -342,7 +342,7 @@ def feed_overhead(ctx: Context) -> list[Row]:
 
 
 def _pydataset_vs_export(ctx: Context, size: str) -> Row:
-    """``model.fit(feed)`` (Keras' ``PyDataset`` pipeline, tf.data autotuning on) ÷ ``model.fit(feed.to_tf_dataset())``."""
+    """``model.fit(feed)`` (Keras' ``PyDataset`` pipeline, autotuning on) ÷ ``model.fit(feed.to_tf_dataset())``."""
     batch = ctx.planned(size)["batch_size"]
     n = ctx.rows(size)
     epochs = ctx.sizes.fit_epochs

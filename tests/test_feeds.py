@@ -1173,7 +1173,8 @@ def test_pad_columns_feed_pads_feature_cells_weights_and_split_rows_as_python_do
     pad = autobatch.PadColumns(["s1", "s2"], target_axis=True)
     native, python = _native_and_python(frame, pad, sample_weight=weights)
     for whole, part in zip(native.split(0.3), python.split(0.3), strict=True):
-        got, want = _epochs_of(whole.to_tf_dataset(infer_batches=10), 2), _epochs_of(part.to_tf_dataset(infer_batches=10), 2)
+        got = _epochs_of(whole.to_tf_dataset(infer_batches=10), 2)
+        want = _epochs_of(part.to_tf_dataset(infer_batches=10), 2)
         assert whole.native_bytes > 0
         for a, b in zip(got, want, strict=True):
             assert len(a) == 4  # s1, s2, targets, weights
@@ -1184,7 +1185,8 @@ def test_pad_columns_feed_pads_feature_cells_weights_and_split_rows_as_python_do
 def test_pad_columns_with_pre_padding_pads_in_python() -> None:
     pad = autobatch.PadColumns(["s1", "s2"], padding="pre", add_feature_axis=True)
     native, python = _native_and_python(sequences(), pad)
-    got, want = _epochs_of(native.to_tf_dataset(infer_batches=10), 1), _epochs_of(python.to_tf_dataset(infer_batches=10), 1)
+    got = _epochs_of(native.to_tf_dataset(infer_batches=10), 1)
+    want = _epochs_of(python.to_tf_dataset(infer_batches=10), 1)
     assert native.native_bytes == 0 and not pad.pads_in_tensorflow and pad.export_bytes(sequences(), None) == 0
     for a, b in zip(got, want, strict=True):
         for x, y in zip(a, b, strict=True):
@@ -1229,3 +1231,13 @@ def test_pad_columns_is_the_preprocess_it_describes_and_checks_its_options() -> 
         autobatch.PadColumns(["s1"], truncating="middle")
     with pytest.raises(ConfigError, match="at least one column"):
         autobatch.PadColumns([])
+
+
+def test_pad_columns_with_dict_targets_pads_in_python_and_decides_once() -> None:
+    frame = sequences(64)
+    targets = {"label": frame["label"].to_numpy(), "id": frame["id"].to_numpy()}
+    feed = InMemoryFeed(frame[["s1", "s2"]], targets, batch_size=16, preprocess=autobatch.PadColumns(["s1"]), seed=1)
+    for _ in range(2):
+        elements = list(feed.to_tf_dataset(infer_batches=4))
+        assert feed._native is False and feed.native_bytes == 0
+    assert sum(len(y["id"]) for _, y in elements) == 64

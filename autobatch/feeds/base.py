@@ -445,7 +445,7 @@ class BaseFeed(keras.utils.PyDataset):
     def _report_nonfinite(
         self, name: str, values: int, bad_rows: np.ndarray, where: str, origin: Callable[[int], str] | None
     ) -> None:
-        """Warn once about (or, with ``nan_policy="error"``, raise on) ``values`` NaN/inf in the rows ``bad_rows`` flags."""
+        """Warn once about ``values`` NaN/inf in the rows ``bad_rows`` flags (raise with ``nan_policy="error"``)."""
         first = int(np.argmax(bad_rows))
         message = (
             f"{name} holds {values} NaN/inf value(s) in {int(bad_rows.sum())} row(s) on {where}; the first is row "
@@ -680,7 +680,7 @@ class BaseFeed(keras.utils.PyDataset):
         rows_log: list[tuple[int, int]],
         adaptive: bool,
     ) -> Iterator[tuple[Any, ...]]:
-        """One epoch's elements, ``make(lo, hi, batch)``: each batch whole, or (``adaptive``) in ``self.pieces`` pieces."""
+        """One epoch's elements, ``make(lo, hi, batch)``: each batch whole, or (``adaptive``) in ``self.pieces``."""
         count = len(self)
         for i in range(count):
             lo, hi = self.batch_bounds(i)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -118,7 +118,7 @@ class InMemoryFeed(BaseFeed):
     def _init_runtime(self) -> None:
         super()._init_runtime()
         self._order: tuple[int, np.ndarray] | None = None
-        self._native: NativeStore | None = None
+        self._native: NativeStore | Literal[False] | None = None
 
     def _native_export(self, signature: Any) -> NativePadding | None:
         """With a :class:`~autobatch.PadColumns` ``preprocess``, TensorFlow pads the batches (see ``feeds.native``)."""
@@ -128,15 +128,15 @@ class InMemoryFeed(BaseFeed):
         if not isinstance(pad, PadColumns) or not pad.pads_in_tensorflow:
             return None
         if self._native is None:
-            self._native = native.build_store(self, pad)
-        if self._native is None:
+            self._native = native.build_store(self, pad) or False  # False: this data pads in Python
+        if not self._native:
             return None
         return native.NativePadding.export(self, pad, self._native, signature)
 
     @property
     def native_bytes(self) -> int:
         """Bytes the tf.data export holds besides the data (padded values and targets; 0 before one, or in Python)."""
-        return 0 if self._native is None else self._native.nbytes
+        return self._native.nbytes if self._native else 0
 
     @property
     def n_samples(self) -> int:

@@ -144,7 +144,7 @@ def _nonfinite_per_row(flat: np.ndarray, lengths: np.ndarray) -> np.ndarray | No
 
 
 class NativePadding:
-    """One ``to_tf_dataset`` export: row indices from Python (:meth:`element`), padded in TensorFlow (:meth:`assemble`)."""
+    """One ``to_tf_dataset`` export: row indices from Python (:meth:`element`), padded by :meth:`assemble`."""
 
     def __init__(self, feed: InMemoryFeed, pad: PadColumns, store: NativeStore, signature: Any) -> None:
         import tensorflow as tf
