@@ -584,7 +584,7 @@ class BaseFeed(keras.utils.PyDataset):
             prefetch: batches to prefetch: a fixed number — what a memory plan budgets
                 (``plan.queue_batches``, 2 by default) — or ``"autotune"`` (tf.data decides,
                 and may hold more than the plan budgets). A fixed number also turns tf.data's
-                autotuning off for this pipeline (see :func:`prefetched`).
+                autotuning off for this pipeline (see ``autobatch._tfdata.prefetched``).
             adaptive: follow :meth:`shrink`: each batch is produced in ``self.pieces``
                 pieces, so an epoch may hold more elements than ``len(self)``. The
                 dataset then reports the rows per epoch as its ``cardinality()`` (an
