@@ -264,7 +264,8 @@ def _plan_locally(
             # a PadColumns feed's tf.data export builds.
             held = result.raw_bytes if result.source == "in_memory" else 0
             extra = max(rss_bytes() - result.baseline_rss_bytes - held, 0)
-            options["process_extra_bytes"] = extra + _export_bytes(prober)
+            options["process_extra_bytes"] = extra
+            options["export_bytes"] = _export_bytes(prober, result)
         if confirm and result.has_model:
             chosen, result = confirm_plan(prober, result, plan_budgets, **options)
             if cache:
@@ -274,15 +275,21 @@ def _plan_locally(
         return chosen
 
 
-def _export_bytes(prober: Prober) -> int:
-    """What an in-memory feed's tf.data export of the prober's data will hold (a :class:`PadColumns` copy)."""
+def _export_bytes(prober: Prober, result: ProbeResult) -> dict[str, int]:
+    """Per strategy, what a feed's tf.data export of the prober's data holds besides the data, with a
+    :class:`PadColumns` ``preprocess`` (``feeds.native``): in memory, the padded columns' values; streaming, one
+    shard's values put in the epoch's order as it is read (the trials read shards as the Python path does).
+
+    For shards the raw bytes stand for the values (an upper bound: the cells' objects, or text, take more)."""
     from autobatch._data import InMemoryData
     from autobatch.padding import PadColumns
 
     pad, data = prober.preprocess, prober.data
-    if not isinstance(pad, PadColumns) or not isinstance(data, InMemoryData):
-        return 0
-    return pad.export_bytes(data.x, data.y)
+    if not isinstance(pad, PadColumns) or not pad.pads_in_tensorflow:
+        return {}
+    if isinstance(data, InMemoryData):
+        return {"in_memory": pad.export_bytes(data.x, data.y)}
+    return {"in_memory": int(result.raw_bytes), "stream": int(result.largest_shard_raw_bytes)}
 
 
 def _optimizer_with_accumulation(model: Any, steps: int) -> None:

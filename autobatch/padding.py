@@ -234,6 +234,8 @@ def _flatten(sequences: Any, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     arrays = []
     for i, seq in enumerate(sequences):
         try:
+            if isinstance(seq, np.ndarray) and seq.dtype == object and seq.ndim == 1 and len(seq):
+                seq = np.stack(seq)  # a Parquet list-of-lists cell reads as an object array of arrays
             array = np.asarray(seq, dtype=dtype)
         except (TypeError, ValueError):
             raise _not_numbers(i, seq, dtype) from None
@@ -479,17 +481,19 @@ class PadColumns:
 
     ``PadColumns(columns, ...)(batch_x, batch_y)`` returns
     ``(pad_columns(batch_x, columns, ...), targets)``, so it works wherever a
-    ``preprocess`` function does (probes, plans, ``feed[i]``, shard feeds). An
-    :class:`~autobatch.InMemoryFeed` given one exports it natively: its
-    :meth:`~autobatch.BaseFeed.to_tf_dataset` (and so :func:`autobatch.fit`) pads
-    each batch with TensorFlow ops from ragged tensors built once, instead of in
+    ``preprocess`` function does (probes, plans, ``feed[i]``). An
+    :class:`~autobatch.InMemoryFeed` or a :class:`~autobatch.ShardFeed` given one
+    exports it natively: its :meth:`~autobatch.BaseFeed.to_tf_dataset` (and so
+    :func:`autobatch.fit`) pads each batch with TensorFlow ops, instead of in
     Python. The batches are the same; the Python work per batch, which on a
     machine whose cores the training step keeps busy costs its time again in
-    the step, becomes an index slice. The export keeps one copy of the padded
+    the step, becomes a slice. In memory the export keeps one copy of the padded
     columns' values (after truncation) and of the targets, in ``dtype``, for the
-    feed's life; :func:`autobatch.plan` budgets it. ``feed.stats.seconds`` then
-    counts only the Python part of each batch. ``padding="pre"``, a non-finite
-    ``value``, dict targets and ``adaptive`` exports pad in Python.
+    feed's life; streaming, each shard is read once into flat values in the epoch's
+    row order (one shard's copy). :func:`autobatch.plan` budgets either.
+    ``feed.stats.seconds`` then counts only the Python part of each batch.
+    ``padding="pre"``, a non-finite ``value``, dict targets, size-aware feeds and
+    ``adaptive`` exports pad in Python.
 
     Args:
         columns: the sequence columns to pad; the keys of the inputs dict, in this order.
@@ -543,8 +547,8 @@ class PadColumns:
 
     @property
     def pads_in_tensorflow(self) -> bool:
-        """Whether an in-memory feed's tf.data export pads with TensorFlow ops (not for ``padding="pre"`` or a
-        NaN/inf ``value``: those pad in Python)."""
+        """Whether a feed's tf.data export pads with TensorFlow ops (not for ``padding="pre"`` or a NaN/inf
+        ``value``: those pad in Python)."""
         return self.padding == "post" and bool(np.isfinite(self.value))
 
     def export_bytes(self, x: Any, y: Any = None) -> int:

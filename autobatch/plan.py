@@ -42,8 +42,8 @@ if TYPE_CHECKING:
 
 Strategy = Literal["in_memory", "stream"]
 
-_MEASURED_PARTS = frozenset({"train step", "dataset", "gradient accumulators"})
-"""Parts whose fixed bytes are measured or exact: the safety margin covers only their growth."""
+_MEASURED_PARTS = frozenset({"train step", "dataset", "gradient accumulators", "tf.data copy"})
+"""Parts whose fixed bytes are measured, exact or an upper bound: the safety margin covers only their growth."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,7 +308,12 @@ def _budget_use(budget: Budget, a: float, s: float, parts: Sequence[Part], margi
 
 
 def _host_terms(
-    result: ProbeResult, strategy: Strategy, queue_batches: int, read_ahead_shards: int, process_extra_bytes: int
+    result: ProbeResult,
+    strategy: Strategy,
+    queue_batches: int,
+    read_ahead_shards: int,
+    process_extra_bytes: int,
+    export_bytes: Mapping[str, int] | None = None,
 ) -> tuple[float, float, list[tuple[str, float, float]]]:
     """Intercept, slope and named (intercept, slope) parts of the host peak line."""
     parts: list[tuple[str, float, float]] = []
@@ -333,6 +338,9 @@ def _host_terms(
         parts.append(("shards read", reading, 0.0))
     if process_extra_bytes:
         parts.append(("this process", float(process_extra_bytes), 0.0))
+    copy = (export_bytes or {}).get(strategy, 0)
+    if copy:
+        parts.append(("tf.data copy", float(copy), 0.0))
     waiting = max(queue_batches - result.trial_prefetch_batches, 0)  # the trials' prefetch is measured
     parts.append(("queue", 0.0, waiting * result.worst_preprocessed_bytes_per_sample))
     parts.append(("preprocess", 0.0, result.preprocess_peak_bytes_per_sample))
@@ -350,6 +358,7 @@ def make_plan(
     read_ahead_shards: int = 1,
     target_batch_size: int | None = None,
     process_extra_bytes: int = 0,
+    export_bytes: Mapping[str, int] | None = None,
     margin_on: MarginOn = "growth",
 ) -> Plan:
     """Choose the largest batch size whose predicted peak fits every budget.
@@ -373,6 +382,9 @@ def make_plan(
         process_extra_bytes: memory the training process holds beyond what the trials'
             child held and beyond the dataset (measured by :func:`autobatch.plan` when
             training runs in the calling process).
+        export_bytes: per strategy (``"in_memory"``, ``"stream"``), what the feed's tf.data export
+            holds besides the data: a :class:`~autobatch.PadColumns` feed's copy of the padded
+            values (see :func:`autobatch.plan`).
         target_batch_size: the batch the optimisation should see. When it does not fit,
             the plan keeps it by gradient accumulation (Keras optimizers'
             ``gradient_accumulation_steps``) instead of silently training on less.
@@ -394,6 +406,8 @@ def make_plan(
         raise ConfigError(f"`target_batch_size` must be >= 1. Received: target_batch_size={target_batch_size}")
     if process_extra_bytes < 0:
         raise ConfigError(f"`process_extra_bytes` must be >= 0. Received: {process_extra_bytes}")
+    if export_bytes is not None and any(v < 0 for v in export_bytes.values()):
+        raise ConfigError(f"`export_bytes` must be >= 0 per strategy. Received: {dict(export_bytes)}")
     if queue_batches < 0:
         raise ConfigError(f"`queue_batches` must be >= 0. Received: queue_batches={queue_batches}")
     if not budgets:
@@ -404,7 +418,9 @@ def make_plan(
         for budget in budgets:
             usable = float(budget.limit_bytes)
             if budget.kind == "host":
-                a, s, parts = _host_terms(result, strategy, queue_batches, read_ahead_shards, process_extra_bytes)
+                a, s, parts = _host_terms(
+                    result, strategy, queue_batches, read_ahead_shards, process_extra_bytes, export_bytes
+                )
             else:
                 fit = result.gpu_fit
                 if fit is None:

@@ -201,8 +201,7 @@ def test_fit_with_pad_columns_pads_in_tensorflow_and_budgets_the_copy_it_holds(m
     frame = _learnable(600, seed=1)
     x, y = frame.drop(columns=["label"]), frame["label"]
     pad = autobatch.PadColumns(["in1", "in2"], add_feature_axis=True, target_axis=True)
-    # Nothing else held by this process, so its part of the plan is exactly what the export will hold.
-    monkeypatch.setattr("autobatch.api.rss_bytes", lambda: 0)
+    monkeypatch.setattr("autobatch.api.rss_bytes", lambda: 0)  # nothing else held by this process
     history = autobatch.fit(
         canonical.build_model(), x, y, preprocess=pad, epochs=3, ram_limit="4GiB", max_batch_size=64, cache=False,
         monitor=False,
@@ -212,7 +211,29 @@ def test_fit_with_pad_columns_pads_in_tensorflow_and_budgets_the_copy_it_holds(m
     copy = pad.export_bytes(x, y)
     assert copy > 600 * 4, "the export holds the padded columns' values and the targets"
     host = dict(history.autobatch_plan.budget("host").components)
-    assert host["this process"] == copy, host
+    assert host["tf.data copy"] == copy and "this process" not in host, host
+
+
+def test_fit_with_pad_columns_on_shards_budgets_the_copy_of_the_strategy_it_plans(tmp_path):
+    import types
+
+    from autobatch.api import _export_bytes
+
+    frame = _learnable(400, seed=1)
+    canonical.write_shards(frame, tmp_path, shards=4)
+    pad = autobatch.PadColumns(["in1", "in2"], add_feature_axis=True, target_axis=True)
+    history = autobatch.fit(
+        canonical.build_model(), str(tmp_path / "parquet"), "label", preprocess=pad, epochs=2, ram_limit="4GiB",
+        max_batch_size=48, monitor=False, cache=False,
+    )
+    plan = history.autobatch_plan
+    assert len(history.history["loss"]) == 2
+    copies = _export_bytes(types.SimpleNamespace(preprocess=pad, data=None), plan.probe)
+    # In memory the whole data's values (its raw bytes bound them); streaming one shard's, reordered as it is read.
+    assert copies == {"in_memory": plan.probe.raw_bytes, "stream": plan.probe.largest_shard_raw_bytes}
+    assert dict(plan.budget("host").components)["tf.data copy"] == copies[plan.strategy] > 0
+    python = autobatch.PadColumns(["in1", "in2"], padding="pre")
+    assert _export_bytes(types.SimpleNamespace(preprocess=python, data=None), plan.probe) == {}
 
 
 def test_fit_streams_shards_and_sees_every_row(tmp_path):

@@ -437,12 +437,13 @@ print(json.dumps({"rows": rows, "peak_rss_bytes": peak}))
 """
 
 
-def _peak_rss_of_one_epoch(*specs: str) -> list[dict[str, int]]:
-    """Each spec streamed for one epoch in its own fresh process (run side by side), with that process's VmHWM."""
+def _peak_rss_of_one_epoch(*specs: str | tuple[str, ...], script: str = _MEMORY_CHILD) -> list[dict[str, int]]:
+    """Each spec (``script``'s arguments) streamed for one epoch in its own fresh process (run side by side), with
+    that process's VmHWM."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     children = [
         subprocess.Popen(
-            [sys.executable, "-c", _MEMORY_CHILD, spec],
+            [sys.executable, "-c", script, *((spec,) if isinstance(spec, str) else spec)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -475,6 +476,47 @@ def test_streaming_peak_memory_does_not_grow_with_the_number_of_shards(tmp_path:
     mib = {name: r["peak_rss_bytes"] / 2**20 for name, r in (("one", one), ("ten", ten))}
     print(f"peak RSS: 4 shards {mib['one']:.0f} MiB, 40 shards {mib['ten']:.0f} MiB")
     assert ten["peak_rss_bytes"] <= allowed, (one, ten)
+
+
+_NATIVE_MEMORY_CHILD = """
+import json, sys
+import autobatch
+from autobatch.feeds import ShardFeed
+
+pad = autobatch.PadColumns(["s"], target_axis=True)
+preprocess = pad if sys.argv[2] == "native" else (lambda bx, by: pad(bx, by))
+feed = ShardFeed(sys.argv[1], "label", batch_size=512, preprocess=preprocess, shuffle=True, seed=0)
+signature = (autobatch.TensorSpec("x/s", "float32", (None, None)), autobatch.TensorSpec("y", "float32", (None, 1)))
+rows = sum(len(y) for _, y in feed.to_tf_dataset(signature))
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps({"rows": rows, "peak_rss_bytes": peak, "native": sys.argv[2]}))
+"""
+
+
+def test_pad_columns_streaming_peak_is_flat_in_the_shards_and_within_the_python_paths(tmp_path: Path) -> None:
+    rows_per_shard = 6000
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        lengths = rng.integers(50, 350, rows_per_shard)
+        values = rng.standard_normal(int(lengths.sum())).astype(np.float32)
+        cells = np.split(values, np.cumsum(lengths)[:-1])
+        pd.DataFrame({"s": cells, "label": rng.integers(0, 2, rows_per_shard)}).to_parquet(tmp_path / f"{i}.parquet")
+    shard_bytes = (tmp_path / "0.parquet").stat().st_size
+    few_shards = str(tmp_path / "[0-3].parquet")
+    few, many = _peak_rss_of_one_epoch(
+        (few_shards, "native"), (str(tmp_path), "native"), script=_NATIVE_MEMORY_CHILD
+    )
+    (python,) = _peak_rss_of_one_epoch((few_shards, "python"), script=_NATIVE_MEMORY_CHILD)
+    assert few["rows"] == python["rows"] == 4 * rows_per_shard and many["rows"] == 40 * rows_per_shard
+    mib = {name: r["peak_rss_bytes"] / 2**20 for name, r in (("few", few), ("many", many), ("python", python))}
+    print(f"peak RSS: native 4 shards {mib['few']:.0f} MiB, 40 shards {mib['many']:.0f} MiB; Python 4 shards "
+          f"{mib['python']:.0f} MiB; {shard_bytes / 2**20:.1f} MiB a shard")
+    allowed = few["peak_rss_bytes"] * 1.10 + 16 * 2**20
+    assert 40 * shard_bytes > 2 * (allowed - few["peak_rss_bytes"]), "holding every shard would break the bound"
+    assert many["peak_rss_bytes"] <= allowed, (few, many)
+    # The trials measure reading shards as the Python path reads them; the plan adds one shard for the copy the
+    # native path makes (the rows in the epoch's order), so its peak must stay within that (and some slack).
+    assert few["peak_rss_bytes"] <= python["peak_rss_bytes"] + 2 * shard_bytes, (few, python)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -1126,6 +1168,22 @@ def _epochs_of(dataset: Any, epochs: int) -> list[list[np.ndarray]]:
     return [[np.asarray(a) for a in tf.nest.flatten(element)] for _ in range(epochs) for element in dataset]
 
 
+def _assert_same_batches(got: list[list[np.ndarray]], want: list[list[np.ndarray]]) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert x.dtype == y.dtype and x.shape == y.shape
+            np.testing.assert_array_equal(x, y)
+
+
+def _assert_same_accounts(native: Any, python: Any, epochs: int) -> None:
+    """The two feeds served ``epochs`` epochs and counted the same batches and truncations."""
+    assert native.epoch == python.epoch == epochs
+    assert native.stats.batches == python.stats.batches == epochs * len(native)
+    assert native.stats.truncated_sequences == python.stats.truncated_sequences
+    assert native.stats.truncated_by_column == python.stats.truncated_by_column
+
+
 def _native_and_python(frame: pd.DataFrame, pad: autobatch.PadColumns, **options: Any) -> tuple[InMemoryFeed, ...]:
     """The same feed twice: ``pad`` itself (TensorFlow pads) and ``pad`` wrapped in a function (Python pads)."""
     return tuple(
@@ -1152,15 +1210,9 @@ def test_pad_columns_feed_pads_in_tensorflow_the_batches_python_pads(options: di
     assert native.native_bytes > 0, "TensorFlow padded these batches"
     with pytest.warns(UserWarning, match="truncated") if options.get("maxlen") == 25 else contextlib.nullcontext():
         want = _epochs_of(python.to_tf_dataset(infer_batches=10), 2)
-    assert len(got) == len(want) == 2 * len(native)
-    for a, b in zip(got, want, strict=True):
-        for x, y in zip(a, b, strict=True):
-            assert x.dtype == y.dtype and x.shape == y.shape
-            np.testing.assert_array_equal(x, y)
-    assert native.epoch == python.epoch == 2
-    assert native.stats.batches == python.stats.batches == 2 * len(native)
-    assert native.stats.truncated_sequences == python.stats.truncated_sequences
-    assert native.stats.truncated_by_column == python.stats.truncated_by_column
+    assert len(got) == 2 * len(native)
+    _assert_same_batches(got, want)
+    _assert_same_accounts(native, python, 2)
     if options.get("maxlen") == 25:
         assert native.stats.truncated_sequences > 0
     assert native.native_bytes == pad.export_bytes(sequences().drop(columns="label"), sequences()["label"])
@@ -1241,3 +1293,160 @@ def test_pad_columns_with_dict_targets_pads_in_python_and_decides_once() -> None
         elements = list(feed.to_tf_dataset(infer_batches=4))
         assert feed._native is False and feed.native_bytes == 0
     assert sum(len(y["id"]) for _, y in elements) == 64
+
+
+# --------------------------------------------------------------------------- PadColumns on shards: padded by TensorFlow
+
+
+def sequence_shards(folder: Path, fmt: str, frame: pd.DataFrame | None = None) -> Path:
+    """:func:`sequences` as uneven numbered shards (CSV cells as space-separated text, as CSV shards hold them)."""
+    frame = (sequences() if frame is None else frame).reset_index(drop=True)
+    if fmt == "csv":  # an empty cell reads as NaN, which is an error: give those rows one step
+        frame = frame.copy()
+        for name in ("s1", "s2"):
+            frame[name] = frame[name].map(lambda v: " ".join(map(str, np.asarray(v).ravel().tolist())) or "0.5")
+    return write_shards(frame, folder, (37, 1, 60, 25, 27), fmt)
+
+
+def _native_and_python_shards(folder: Path, pad: autobatch.PadColumns, **options: Any) -> tuple[ShardFeed, ...]:
+    """The same shard feed twice: ``pad`` itself (TensorFlow pads) and ``pad`` wrapped in a function (Python pads)."""
+    options = {"batch_size": 32, "seed": 5, **options}
+    return tuple(ShardFeed(folder, "label", preprocess=p, **options) for p in (pad, lambda bx, by: pad(bx, by)))
+
+
+def _count_native_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    loads: list[str] = []
+    original = ShardFeed._load_native
+
+    def counted(self: ShardFeed, file_index: int, epoch: int) -> Any:
+        loads.append(self.shards[file_index].path.name)
+        return original(self, file_index, epoch)
+
+    monkeypatch.setattr(ShardFeed, "_load_native", counted)
+    return loads
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"maxlen": 25, "shuffle": False},
+        {"maxlen": 25, "truncating": "post", "bucket": 8},
+        {"bucket": "pow2", "value": -1.0, "dtype": "float64", "target_axis": True, "read_ahead": 2},
+    ],
+)
+def test_pad_columns_shard_feed_pads_in_tensorflow_the_batches_python_pads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str, options: dict[str, Any]
+) -> None:
+    feed_options = {k: options.pop(k) for k in ("shuffle", "read_ahead") if k in options}
+    folder = sequence_shards(tmp_path / fmt, fmt)
+    pad = autobatch.PadColumns(["s1", "s2"], add_feature_axis=True, **options)
+    native, python = _native_and_python_shards(folder, pad, **feed_options)
+    loads = _count_native_loads(monkeypatch)
+    truncates = pytest.warns(UserWarning, match="truncated") if options.get("maxlen") else contextlib.nullcontext()
+    with truncates:
+        got = _epochs_of(native.to_tf_dataset(infer_batches=10), 2)
+    assert sorted(loads) == sorted(2 * [p.name for p in native.files]), "every shard read natively once per epoch"
+    with truncates:
+        want = _epochs_of(python.to_tf_dataset(infer_batches=10), 2)
+    assert len(loads) == 10, "the Python path reads no shard natively"
+    assert len(got) == 2 * len(native) == 2 * math.ceil(150 / 32)
+    _assert_same_batches(got, want)
+    _assert_same_accounts(native, python, 2)
+    if options.get("maxlen"):
+        assert native.stats.truncated_sequences > 0
+    assert native.resident_files == [], "nothing stays loaded between epochs"
+
+
+def test_pad_columns_shard_feed_pads_weights_feature_cells_and_validation_shards_as_python_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    frame = sequences(features=3).reset_index(drop=True)
+    frame["s1"] = frame["s1"].map(lambda cell: cell.tolist())  # Parquet stores 2-D cells as lists of lists
+    frame["w"] = np.linspace(0.5, 1.5, len(frame)).astype(np.float32)
+    folder = sequence_shards(tmp_path / "pq", "parquet", frame)
+    pad = autobatch.PadColumns(["s1", "s2"], target_axis=True)
+    native, python = _native_and_python_shards(folder, pad, sample_weight="w")
+    loads = _count_native_loads(monkeypatch)
+    for whole, part in zip(native.split(0.3, seed=1), python.split(0.3, seed=1), strict=True):
+        got = _epochs_of(whole.to_tf_dataset(infer_batches=10), 2)
+        want = _epochs_of(part.to_tf_dataset(infer_batches=10), 2)
+        assert len(got) == 2 * len(whole)
+        assert all(len(a) == 4 and a[0].shape[2:] == (3,) for a in got)  # s1 (rows, steps, 3), s2, targets, weights
+        _assert_same_batches(got, want)
+    assert len(loads) == 2 * len(native.files)
+
+
+def test_pad_columns_shard_feed_keeps_current_file_plus_read_ahead_resident(tmp_path: Path) -> None:
+    frame = sequences(100).reset_index(drop=True)
+    folder = write_shards(frame, tmp_path / "pq", (20,) * 5, "parquet")
+    feed = ShardFeed(folder, "label", batch_size=10, shuffle=False, preprocess=autobatch.PadColumns(["s1", "s2"]))
+    dataset = feed.to_tf_dataset(infer_batches=2)
+    assert feed.resident_files == [], "the batches looked at are released"
+    resident = [len(feed.resident_files) for _ in dataset]
+    assert max(resident) == 2, "the current file and the one read ahead"
+    assert feed.resident_files == [] and feed.epoch == 1
+
+
+def test_pad_columns_shard_feed_names_the_shard_row_of_nan_values(tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    frame = sequences().reset_index(drop=True)
+    frame.at[70, "s2"] = [1.0, float("nan"), 2.0]  # row 70: shard 2 (rows 38-97), its row 32
+    folder = sequence_shards(tmp_path / "pq", "parquet", frame)
+    pad = autobatch.PadColumns(["s1", "s2"])
+    feed = ShardFeed(folder, "label", batch_size=32, preprocess=pad, nan_policy="error", shuffle=False)
+    with pytest.raises(tf.errors.OpError, match=r"x/s2 holds 1 NaN/inf value\(s\) in 1 row\(s\) on batch 2 .*"
+                       r"row 32 of shard '.*2\.parquet'"):
+        list(feed.to_tf_dataset(SEQUENCES_SIGNATURE))
+    assert isinstance(feed._pop_failure(), DataError) and feed.epoch == 0
+    native, python = _native_and_python_shards(folder, pad)
+    for warned in (native, python):
+        with pytest.warns(RuntimeWarning, match="x/s2 holds 1 NaN/inf"):
+            list(warned.to_tf_dataset(SEQUENCES_SIGNATURE))
+    assert native.stats.nonfinite_batches == python.stats.nonfinite_batches == 1
+
+
+def test_pad_columns_shard_feed_names_the_column_shard_and_row_of_a_cell_that_is_not_numbers(tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    folder = sequence_shards(tmp_path / "csv", "csv")
+    text = (folder / "3.csv").read_text().splitlines()
+    cells = text[5].split(",")  # data row 4 of shard 3: id, s1, s2, label
+    text[5] = ",".join([cells[0], cells[1], "1.0 abc 2", cells[3]])
+    (folder / "3.csv").write_text("\n".join(text) + "\n")
+    feed = ShardFeed(folder, "label", batch_size=32, preprocess=autobatch.PadColumns(["s1", "s2"]), shuffle=False)
+    dataset = feed.to_tf_dataset(SEQUENCES_SIGNATURE)
+    with pytest.raises(tf.errors.OpError, match=r"column 's2', row 4 of shard '.*3\.csv'"):
+        list(dataset)
+    assert isinstance(feed._pop_failure(), DataError)
+
+
+def test_pad_columns_shard_feed_stops_on_targets_whose_dtype_differs_between_shards(tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    frame = sequences(60).reset_index(drop=True)
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    frame.iloc[:30].assign(label=frame["label"].iloc[:30].astype(np.int64)).to_parquet(folder / "0.parquet")
+    frame.iloc[30:].to_parquet(folder / "1.parquet")  # float64 labels
+    pad = autobatch.PadColumns(["s1"], target_dtype=None)
+    for p in (pad, lambda bx, by: pad(bx, by)):
+        feed = ShardFeed(folder, "label", batch_size=16, preprocess=p, shuffle=False)
+        with pytest.raises(tf.errors.OpError, match=r"same dtype.*float64"):
+            list(feed.to_tf_dataset(infer_batches=1))
+        assert isinstance(feed._pop_failure(), PreprocessError)
+
+
+def test_pad_columns_shard_feed_with_pre_padding_pads_in_python(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = sequence_shards(tmp_path / "pq", "parquet")
+    pad = autobatch.PadColumns(["s1", "s2"], padding="pre")
+    native, python = _native_and_python_shards(folder, pad)
+    loads = _count_native_loads(monkeypatch)
+    got = _epochs_of(native.to_tf_dataset(SEQUENCES_SIGNATURE), 1)
+    want = _epochs_of(python.to_tf_dataset(SEQUENCES_SIGNATURE), 1)
+    assert loads == []
+    _assert_same_batches(got, want)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -22,8 +23,16 @@ def _sequences(seed: int, *, n: int = 12, feature_shape: tuple[int, ...] = ()) -
     return [rng.standard_normal((int(k), *feature_shape)).astype(np.float32) for k in lengths]
 
 
+def _through_parquet(seqs: list[np.ndarray]) -> pd.Series:
+    """The sequences as ``read_parquet`` gives a list column back (2-D cells: object arrays of arrays)."""
+    buffer = io.BytesIO()
+    pd.DataFrame({"s": [s.tolist() for s in seqs]}).to_parquet(buffer)
+    return pd.read_parquet(io.BytesIO(buffer.getvalue()))["s"]
+
+
 CONTAINERS = {
     "arrays": lambda seqs: seqs,  # copied cell by cell (as read_parquet gives list cells)
+    "Parquet cells": _through_parquet,
     "float64 Series": lambda seqs: pd.Series([s.astype(np.float64) for s in seqs], dtype=object),
     "lists": lambda seqs: [s.tolist() for s in seqs],  # concatenated first
 }

@@ -143,6 +143,27 @@ def test_shards_load_in_memory_when_they_fit_alongside():
     assert plan.strategy == "in_memory" and "fits in memory" in plan.explanation
 
 
+def test_the_copy_a_tf_data_export_holds_is_budgeted_for_the_strategy_chosen():
+    copies = {"in_memory": 50 * MiB, "stream": 20 * MiB}
+    for raw, strategy in ((3000 * MiB, "stream"), (5 * MiB, "in_memory")):
+        r = result(source="shards", raw=raw, shard=20 * MiB)
+        plain = make_plan(r, [host(2048 * MiB)])
+        plan = make_plan(r, [host(2048 * MiB)], export_bytes=copies)
+        assert plain.strategy == plan.strategy == strategy
+        components = dict(plan.budget("host").components)
+        assert components["tf.data copy"] == copies[strategy]
+        assert "tf.data copy" not in dict(plain.budget("host").components)
+
+        def with_margin(b):  # the copy is exact (or an upper bound): the margin covers the rest, not it
+            predicted = predicted_host(r, b, strategy=strategy)
+            growth = predicted - 592 * MiB - (raw if strategy == "in_memory" else 0)
+            return predicted + copies[strategy] + plan.safety * growth
+
+        assert with_margin(plan.batch_size) <= 2048 * MiB < with_margin(plan.batch_size + 1)
+    with pytest.raises(ConfigError, match="export_bytes"):
+        make_plan(result(), [host(2048 * MiB)], export_bytes={"stream": -1})
+
+
 def test_without_a_model_the_plan_says_step_memory_is_missing():
     plan = make_plan(result(n=1000, trials=()), [host(8192 * MiB)])
     assert plan.batch_size == 1000 and "no model was probed" in plan.explanation

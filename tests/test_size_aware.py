@@ -278,6 +278,14 @@ def test_preprocess_taking_maxlen_pads_to_the_boundary_itself(skewed):
     assert seen == [x["seq"].shape[1]] and seen[0] in (32, 64, 256, 2048)
 
 
+def test_pad_columns_in_a_size_aware_feed_pads_to_the_bucket_in_its_tf_data_export(skewed):
+    pad = autobatch.PadColumns(["seq"], add_feature_axis=True, target_axis=True)
+    feed = _feed(skewed[["seq", "label"]], preprocess=pad, output_signature=None)
+    bounds = {32, 64, 256, 2048}
+    lengths = {int(x["seq"].shape[1]) for x, _ in feed.to_tf_dataset(infer_batches=4)}
+    assert lengths <= bounds and len(lengths) > 1, "each batch padded to its bucket's boundary, not its longest"
+
+
 def test_validation_data_longer_than_the_plan_gets_its_own_bucket(skewed):
     feed = _feed(skewed.iloc[:200], boundaries=[32, 64], batch_sizes=[50, 20], shuffle=False)
     longest = int(skewed["seq"].iloc[:200].map(len).max())

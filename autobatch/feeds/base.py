@@ -45,7 +45,7 @@ from autobatch.padding import Truncations, count_truncations
 from autobatch.probe import Preprocess, TensorSpec, _leaves, _resolve_preprocess
 
 if TYPE_CHECKING:
-    from autobatch.feeds.native import NativePadding
+    from autobatch.feeds.native import NativePadding, NativeShards
 
 logger = logging.getLogger(__name__)
 
@@ -312,7 +312,7 @@ class BaseFeed(keras.utils.PyDataset):
         """
         started = time.perf_counter()
         raw = self._rows(lo, hi, index)
-        where = f"batch {index} (rows {lo}-{hi - 1} of epoch {self._epoch}{', ' + raw.where if raw.where else ''})"
+        where = self._where(lo, hi, index, raw.where)
         try:
             with count_truncations() as cut:
                 result = self._call_preprocess(raw)
@@ -338,6 +338,10 @@ class BaseFeed(keras.utils.PyDataset):
         if raw.sample_weight is not None:
             return inputs, targets, raw.sample_weight
         return inputs, targets
+
+    def _where(self, lo: int, hi: int, index: int, source: str = "") -> str:
+        """How messages name rows ``[lo, hi)`` of batch ``index`` (and ``source``, where they came from)."""
+        return f"batch {index} (rows {lo}-{hi - 1} of epoch {self._epoch}{', ' + source if source else ''})"
 
     def _record_batch(self, started: float, cut: Truncations, where: str, *, nonfinite: bool = False) -> None:
         """Count a batch served since ``started`` (``perf_counter``), the sequences cut in it, and report the cuts."""
@@ -640,8 +644,8 @@ class BaseFeed(keras.utils.PyDataset):
 
         if native is None:
             dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
-        else:  # the generator hands out row indices; TensorFlow gathers and pads them
-            dataset = tf.data.Dataset.from_generator(generate, output_signature=native.index_signature)
+        else:  # the generator hands out row indices (or rows' values and lengths); TensorFlow pads them
+            dataset = tf.data.Dataset.from_generator(generate, output_signature=native.element_signature)
             dataset = dataset.map(native.assemble)
         if not adaptive:
             dataset = dataset.apply(tf.data.experimental.assert_cardinality(count))
@@ -670,7 +674,7 @@ class BaseFeed(keras.utils.PyDataset):
                 "or pad that axis to a fixed length."
             )
 
-    def _native_export(self, signature: Any) -> NativePadding | None:
+    def _native_export(self, signature: Any) -> NativePadding | NativeShards | None:
         """How to make this feed's batches with TensorFlow ops for ``to_tf_dataset``; ``None``: in Python."""
         return None
 

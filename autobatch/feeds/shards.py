@@ -15,6 +15,10 @@ is cut into batches, so reading overlaps training. Loaded files sit in a small
 cache of the files the current batch needs plus the read-ahead (plus one per
 extra Keras worker): memory is about ``(1 + read_ahead)`` files, whatever the
 number of shards.
+
+With a :class:`~autobatch.PadColumns` ``preprocess``, :meth:`~autobatch.BaseFeed.to_tf_dataset`
+reads each file once into flat values and row lengths in the epoch's row order
+(``feeds.native``) and TensorFlow pads: a batch costs Python a few slices.
 """
 
 from __future__ import annotations
@@ -26,16 +30,20 @@ import os
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from autobatch._data import ShardInfo, ShardSource, read_shard, shard_info
+from autobatch._data import ShardInfo, ShardSource, read_parquet_columns, read_shard, shard_format, shard_info
 from autobatch.errors import ConfigError, DataError
 from autobatch.feeds.base import BackgroundReader, BaseFeed, RawBatch, check_fraction
+from autobatch.padding import PadColumns
+
+if TYPE_CHECKING:
+    from autobatch.feeds.native import NativeShards, RaggedShard
 
 logger = logging.getLogger(__name__)
 
@@ -251,10 +259,11 @@ class ShardFeed(BaseFeed):
 
     def _init_runtime(self) -> None:
         super()._init_runtime()
-        self._cache: OrderedDict[tuple[int, int], concurrent.futures.Future[_LoadedShard]] = OrderedDict()
+        # Keyed (epoch, file index, for a native export): a shard read for tf.data's padding and one for feed[i].
+        self._cache: OrderedDict[tuple[int, int, bool], concurrent.futures.Future[Any]] = OrderedDict()
         self._reader = BackgroundReader(self, "autobatch-shards")
         self._last_index: int | None = None
-        self._loads: dict[tuple[int, int], int] = {}
+        self._loads: dict[tuple[int, int, bool], int] = {}
         self._warned_reread = False
         self._layout: tuple[int, np.ndarray, np.ndarray] | None = None
 
@@ -296,7 +305,7 @@ class ShardFeed(BaseFeed):
         """Shards held in memory or being read now, least recently used first (for diagnostics)."""
         with self._lock:
             keys = list(self._cache)
-        return [self.shards[file_index].path for _, file_index in keys]
+        return [self.shards[key[1]].path for key in keys]
 
     def epoch_files(self) -> list[Path]:
         """The shard files in the current epoch's order."""
@@ -322,14 +331,37 @@ class ShardFeed(BaseFeed):
         """Read one shard's rows (a seam for tests that exercise the batch cutting without files)."""
         return read_shard(shard.path, columns=list(self.shards[0].columns))
 
+    def _read_table(self, shard: ShardInfo, columns: Sequence[str]) -> Any:
+        """``columns`` of a Parquet shard as a ``pyarrow.Table`` for a native export; ``None`` for CSV (pandas)."""
+        return read_parquet_columns(shard.path, columns) if shard_format(shard.path) == "parquet" else None
+
+
+    def _check_rows(self, shard: ShardInfo, n_rows: int) -> None:
+        if n_rows != shard.n_rows:
+            raise DataError(
+                f"shard {str(shard.path)!r} has {n_rows} rows now, but {shard.n_rows} were counted when the feed "
+                "was made: the file changed (or pandas and pyarrow parse it differently). Re-create the feed."
+            )
+
+    def _row_order(self, file_index: int, epoch: int) -> np.ndarray | None:
+        """Row order within shard ``file_index`` for ``epoch`` (``None``: file order)."""
+        if not self.shuffle:
+            return None
+        return np.random.default_rng([self.seed, epoch, 1, file_index]).permutation(self.shards[file_index].n_rows)
+
+    def _load_native(self, file_index: int, epoch: int) -> RaggedShard:
+        from autobatch.feeds import native
+
+        shard = self.shards[file_index]
+        loaded = native.ragged_shard(self, self.preprocess, shard, self._row_order(file_index, epoch))
+        logger.debug("loaded shard %s (%d rows, %d bytes) for epoch %d natively", shard.path, shard.n_rows,
+                     loaded.nbytes, epoch)
+        return loaded
+
     def _load(self, file_index: int, epoch: int) -> _LoadedShard:
         shard = self.shards[file_index]
         frame = self._read_frame(shard)
-        if len(frame) != shard.n_rows:
-            raise DataError(
-                f"shard {str(shard.path)!r} has {len(frame)} rows now, but {shard.n_rows} were counted when the feed "
-                "was made: the file changed (or pandas and pyarrow parse it differently). Re-create the feed."
-            )
+        self._check_rows(shard, len(frame))
         targets = list(self._target_names())
         y: pd.Series | pd.DataFrame | None = None
         if targets:
@@ -339,22 +371,22 @@ class ShardFeed(BaseFeed):
             weights = frame[self.sample_weight].to_numpy(dtype=np.float32)
         dropped = targets + ([self.sample_weight] if self.sample_weight is not None else [])
         x = frame.drop(columns=dropped) if dropped else frame
-        order = None
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch, 1, file_index]).permutation(shard.n_rows)
+        order = self._row_order(file_index, epoch)
         logger.debug("loaded shard %s (%d rows) for epoch %d", shard.path, shard.n_rows, epoch)
         return _LoadedShard(shard.path, x, y, weights, order)
 
     def _fetch(
-        self, slots: range, prefetch: range, epoch: int, order: np.ndarray, *, sequential: bool
-    ) -> list[_LoadedShard]:
+        self, slots: range, prefetch: range, epoch: int, order: np.ndarray, *, sequential: bool, native: bool
+    ) -> list[Any]:
         """The loaded shards at ``slots`` of the epoch's file order, loading ``prefetch`` slots in the background.
 
         Read in order, a finished shard is released at once; read out of order,
         up to ``read_ahead`` recently used shards stay, as the next batch may need them.
+        ``native``: read as :class:`~autobatch.feeds.native.RaggedShard` for a native export.
         """
-        keys = [(epoch, int(order[s])) for s in slots]
-        ahead = [(epoch, int(order[s])) for s in prefetch]
+        load = self._load_native if native else self._load
+        keys = [(epoch, int(order[s]), native) for s in slots]
+        ahead = [(epoch, int(order[s]), native) for s in prefetch]
         with self._lock:
             pool = self._reader.pool()
             rereads = []
@@ -363,7 +395,7 @@ class ShardFeed(BaseFeed):
                     if key in self._loads:
                         rereads.append(key)
                     self._loads[key] = self._loads.get(key, 0) + 1
-                    self._cache[key] = pool.submit(self._load, key[1], epoch)
+                    self._cache[key] = pool.submit(load, key[1], epoch)
                 self._cache.move_to_end(key)
             # Keep what this batch needs and the read-ahead, plus one recent shard per extra worker (its
             # neighbouring batch may still need it); evict the least recently used beyond that.
@@ -390,7 +422,7 @@ class ShardFeed(BaseFeed):
             try:
                 loaded.append(future.result())
             except concurrent.futures.CancelledError:
-                loaded.append(self._load(key[1], epoch))  # evicted by a concurrent batch; read it here
+                loaded.append(load(key[1], epoch))  # evicted by a concurrent batch; read it here
             except BaseException:
                 with self._lock:
                     if self._cache.get(key) is future:
@@ -398,7 +430,11 @@ class ShardFeed(BaseFeed):
                 raise
         return loaded
 
-    def _rows(self, lo: int, hi: int, index: int) -> RawBatch:
+    def _batch_parts(
+        self, lo: int, hi: int, index: int, *, native: bool = False
+    ) -> tuple[list[tuple[Any, int, int]], str, Callable[[int], str]]:
+        """The loaded shards holding rows ``[lo, hi)`` of the epoch, each with the positions ``[a, b)`` of its rows
+        in this epoch's order within the file; where they came from, and where row ``p`` of the batch came from."""
         epoch = self._epoch
         order, starts = self._epoch_layout(epoch)
         first = int(np.searchsorted(starts, lo, side="right")) - 1
@@ -410,27 +446,41 @@ class ShardFeed(BaseFeed):
         # In-order reading (0, 1, 2, … also with a few concurrent workers) is worth reading ahead for.
         sequential = index == 0 or (previous is not None and 0 < index - previous <= max(self._workers, 1))
         ahead = range(last + 1, min(last + 1 + self.read_ahead, len(order))) if sequential else range(0)
-        loaded = self._fetch(range(first, last + 1), ahead, epoch, order, sequential=sequential)
-        xs, ys, ws = [], [], []
-        segments: list[tuple[int, Path, np.ndarray]] = []  # (first position in the batch, file, rows of the file)
+        loaded = self._fetch(range(first, last + 1), ahead, epoch, order, sequential=sequential, native=native)
+        pieces: list[tuple[Any, int, int]] = []
+        segments: list[tuple[int, Path, int, np.ndarray | None]] = []  # (first position in the batch, file, a, order)
         position = 0
         for slot, shard in zip(range(first, last + 1), loaded, strict=True):
             a = max(lo, int(starts[slot])) - int(starts[slot])
             b = min(hi, int(starts[slot + 1])) - int(starts[slot])
-            rows = shard.order[a:b] if shard.order is not None else slice(a, b)
-            xs.append(shard.x.iloc[rows])
-            ys.append(shard.y.iloc[rows] if shard.y is not None else None)
-            ws.append(shard.sample_weight[rows] if shard.sample_weight is not None else None)
-            segments.append((position, shard.path, np.arange(a, b) if isinstance(rows, slice) else rows))
+            pieces.append((shard, a, b))
+            segments.append((position, shard.path, a, shard.order))
             position += b - a
         names = ", ".join(repr(str(s.path)) for s in loaded)
         where = f"from shard {names}" if len(loaded) == 1 else f"from shards {names}"
 
         def origin(p: int) -> str:
-            start, path, file_rows = next(seg for seg in reversed(segments) if seg[0] <= p)
-            return f"row {int(file_rows[p - start])} of shard {str(path)!r} (0-based, not counting the header)"
+            start, path, a, rows = next(seg for seg in reversed(segments) if seg[0] <= p)
+            row = a + p - start if rows is None else int(rows[a + p - start])
+            return f"row {row} of shard {str(path)!r} (0-based, not counting the header)"
 
+        return pieces, where, origin
+
+    def _rows(self, lo: int, hi: int, index: int) -> RawBatch:
+        parts, where, origin = self._batch_parts(lo, hi, index)
+        pieces = [(shard, shard.order[a:b] if shard.order is not None else slice(a, b)) for shard, a, b in parts]
+        xs = [shard.x.iloc[rows] for shard, rows in pieces]
+        ys = [shard.y.iloc[rows] if shard.y is not None else None for shard, rows in pieces]
+        ws = [shard.sample_weight[rows] if shard.sample_weight is not None else None for shard, rows in pieces]
         return RawBatch(_concat(xs), _concat(ys), _concat(ws), where, origin=origin)
+
+    def _native_export(self, signature: Any) -> NativeShards | None:
+        """With a :class:`~autobatch.PadColumns` ``preprocess``, TensorFlow pads the batches (see ``feeds.native``)."""
+        from autobatch.feeds import native
+
+        if not isinstance(self.preprocess, PadColumns):
+            return None
+        return native.NativeShards.export(self, self.preprocess, signature)
 
     # ------------------------------------------------------------------ splitting
 

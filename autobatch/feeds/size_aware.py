@@ -269,6 +269,10 @@ class SizeAwareFeed(InMemoryFeed):
     def _call_preprocess(self, raw: RawBatch) -> Any:
         return self._padding(self.preprocess, raw)
 
+    def _native_export(self, signature: Any) -> None:
+        """Batches are padded to their bucket's boundary in Python, whatever the ``preprocess``."""
+        return None
+
     def split(self, validation_split: float, *, seed: int | None = None) -> tuple[InMemoryFeed, InMemoryFeed]:
         """Hold out a random fraction of the rows as a validation feed with the same buckets (never shuffled)."""
         return super().split(validation_split, seed=seed)
