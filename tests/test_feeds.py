@@ -1450,3 +1450,26 @@ def test_pad_columns_shard_feed_with_pre_padding_pads_in_python(
     want = _epochs_of(python.to_tf_dataset(SEQUENCES_SIGNATURE), 1)
     assert loads == []
     _assert_same_batches(got, want)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_pad_columns_feeds_check_batch_bytes_against_the_probe_as_python_does(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, streamed: bool
+) -> None:
+    pad = autobatch.PadColumns(["s1", "s2"])
+    folder = sequence_shards(tmp_path / "pq", "parquet") if streamed else None
+
+    def feeds(limit: int | None) -> tuple[Any, ...]:
+        if streamed:
+            return _native_and_python_shards(folder, pad, max_batch_bytes=limit)
+        return _native_and_python(sequences(), pad, max_batch_bytes=limit)
+
+    sizes = [sum(int(a.nbytes) for a in b) for b in _epochs_of(feeds(None)[1].to_tf_dataset(SEQUENCES_SIGNATURE), 1)]
+    # The signature's look at batch 0 runs in Python: a limit it passes leaves the later batches to the export.
+    assert sizes[0] < max(sizes[1:])
+    for limit, warned in ((max(sizes), 0), (max(sizes) - 1, 1)):
+        for feed in feeds(limit):
+            caplog.clear()
+            with caplog.at_level("WARNING", logger="autobatch.feeds.base"):
+                _epochs_of(feed.to_tf_dataset(SEQUENCES_SIGNATURE), 1)
+            assert sum("probe's worst-case batch" in r.getMessage() for r in caplog.records) == warned, (limit, feed)

@@ -421,16 +421,19 @@ class BaseFeed(keras.utils.PyDataset):
         if self.nan_policy != "ignore":
             self._check_finite(leaves, where, origin, record=record)
         if self.max_batch_bytes is not None and not self._warned_bytes:
-            nbytes = sum(int(a.nbytes) for a in leaves.values())
-            if nbytes > self.max_batch_bytes:
-                self._warned_bytes = True
-                logger.warning(
-                    "%s holds %s after preprocess, more than the %s of the probe's worst-case batch: "
-                    "the plan may underestimate memory. Probe with the same preprocess and data as you train on.",
-                    where,
-                    format_bytes(nbytes),
-                    format_bytes(self.max_batch_bytes),
-                )
+            self._check_batch_bytes(sum(int(a.nbytes) for a in leaves.values()), where)
+
+    def _check_batch_bytes(self, nbytes: int, where: str) -> None:
+        """Warn once when a batch holds more than the probe's worst-case batch (``max_batch_bytes``)."""
+        if self.max_batch_bytes is not None and not self._warned_bytes and nbytes > self.max_batch_bytes:
+            self._warned_bytes = True
+            logger.warning(
+                "%s holds %s after preprocess, more than the %s of the probe's worst-case batch: "
+                "the plan may underestimate memory. Probe with the same preprocess and data as you train on.",
+                where,
+                format_bytes(nbytes),
+                format_bytes(self.max_batch_bytes),
+            )
 
     def _check_finite(
         self, leaves: dict[str, np.ndarray], where: str, origin: Callable[[int], str] | None, *, record: bool

@@ -158,17 +158,23 @@ def _account(
     what: str,
     origin: Callable[[int], str],
     started: float,
+    other_bytes: int,
 ) -> np.ndarray:
-    """Check and count one batch as ``feed._serve`` does for the Python path; the padded length of each column."""
+    """Check and count one batch as ``feed._serve`` does for the Python path; the padded length of each column.
+
+    ``other_bytes``: the batch's targets and weights, for the batch-size check against the probe's worst case.
+    """
     cut = Truncations()
     lengths = []
     found = False
+    nbytes = other_bytes
     for column, spec in zip(columns, specs, strict=True):
         rows = len(column.lengths)
         length = padded_length(int(column.lengths.max()) if rows else 0, pad.maxlen, pad.bucket)
         lengths.append(length)
         shape = (rows, length, *column.feature_shape) + ((1,) if pad.add_feature_axis else ())
         feed._check_shape(spec, shape, what)
+        nbytes += int(np.prod(shape, dtype=np.int64)) * np.dtype(pad.dtype).itemsize
         if column.cut is not None:
             count = int(np.count_nonzero(column.cut))
             if count:
@@ -178,6 +184,7 @@ def _account(
                 cut.maxlen[column.name] = int(length)
         found |= _nonfinite(feed, f"x/{column.name}", column.nonfinite, where, origin)
     found |= _nonfinite(feed, "y", targets_nonfinite, where, origin)
+    feed._check_batch_bytes(nbytes, where)
     feed._record_batch(started, cut, where, nonfinite=found)
     return np.asarray(lengths, dtype=np.int64)
 
@@ -304,6 +311,8 @@ class NativePadding:
         inputs = signature[0]
         self._specs = [inputs[column.name] for column in store.columns]
         self._positions: tuple[int, np.ndarray] | None = None
+        per_row = [t for t in (store.targets, store.weights) if t is not None]
+        self._row_bytes = sum(int(np.prod(t.shape[1:], dtype=np.int64)) * t.dtype.size for t in per_row)
 
     @classmethod
     def export(cls, feed: InMemoryFeed, pad: PadColumns, store: NativeStore, signature: Any) -> NativePadding | None:
@@ -353,6 +362,7 @@ class NativePadding:
             f"batch {index}",
             origin,
             started,
+            len(rows) * self._row_bytes,
         )
         return rows, lengths
 
@@ -575,8 +585,9 @@ class NativeShards:
                     "PadColumns(target_dtype=...) so that every shard's targets convert to one dtype."
                 )
         targets_nonfinite = _gather([s.targets_nonfinite for s in shards], spans) if self._dtypes else None
+        other = sum(int(a.nbytes) for a in extra if a is not None)
         lengths = _account(
-            feed, self.pad, self._specs, columns, targets_nonfinite, where, f"batch {index}", origin, started
+            feed, self.pad, self._specs, columns, targets_nonfinite, where, f"batch {index}", origin, started, other
         )
         return (*flat, lengths, *extra)  # type: ignore[arg-type]
 
