@@ -494,7 +494,7 @@ print(json.dumps({"rows": rows, "peak_rss_bytes": peak, "native": sys.argv[2]}))
 
 
 def test_pad_columns_streaming_peak_is_flat_in_the_shards_and_within_the_python_paths(tmp_path: Path) -> None:
-    rows_per_shard = 6000
+    rows_per_shard = 10_000
     rng = np.random.default_rng(0)
     for i in range(40):
         lengths = rng.integers(50, 350, rows_per_shard)
