@@ -335,7 +335,6 @@ class ShardFeed(BaseFeed):
         """``columns`` of a Parquet shard as a ``pyarrow.Table`` for a native export; ``None`` for CSV (pandas)."""
         return read_parquet_columns(shard.path, columns) if shard_format(shard.path) == "parquet" else None
 
-
     def _check_rows(self, shard: ShardInfo, n_rows: int) -> None:
         if n_rows != shard.n_rows:
             raise DataError(
@@ -354,8 +353,9 @@ class ShardFeed(BaseFeed):
 
         shard = self.shards[file_index]
         loaded = native.ragged_shard(self, self.preprocess, shard, self._row_order(file_index, epoch))
-        logger.debug("loaded shard %s (%d rows, %d bytes) for epoch %d natively", shard.path, shard.n_rows,
-                     loaded.nbytes, epoch)
+        logger.debug(
+            "loaded shard %s (%d rows, %d bytes) for epoch %d natively", shard.path, shard.n_rows, loaded.nbytes, epoch
+        )
         return loaded
 
     def _load(self, file_index: int, epoch: int) -> _LoadedShard:
