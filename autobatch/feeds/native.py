@@ -417,10 +417,12 @@ def _arrow_values(column: Any, dtype: np.dtype, order: np.ndarray | None) -> tup
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if not (pa.types.is_list(array.type) or pa.types.is_large_list(array.type)) or array.null_count:
         return None
+    if not (pa.types.is_integer(array.type.value_type) or pa.types.is_floating(array.type.value_type)):
+        return None
     if order is not None:
         array = pc.take(array, order)  # in Arrow's C++, without the GIL the training loop needs
     values = array.flatten()  # respects a sliced array's offset
-    if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)) or values.null_count:
+    if values.null_count:
         return None
     lengths = pc.list_value_length(array).to_numpy().astype(np.int64)
     return values.to_numpy(zero_copy_only=False).astype(dtype, copy=False), lengths
@@ -459,6 +461,7 @@ def ragged_shard(feed: ShardFeed, pad: PadColumns, shard: ShardInfo, order: np.n
             is not a sequence of numbers (naming the column, the file and the row).
     """
     from autobatch._data import _release_arrow_memory
+    from autobatch.feeds.shards import shard_row
 
     targets = list(feed._target_names())
     wanted = [*pad.columns, *targets] + ([feed.sample_weight] if feed.sample_weight is not None else [])
@@ -467,7 +470,7 @@ def ragged_shard(feed: ShardFeed, pad: PadColumns, shard: ShardInfo, order: np.n
     n_rows = table.num_rows if table is not None else len(frame)  # type: ignore[arg-type]
     feed._check_rows(shard, n_rows)
     check = feed.nan_policy != "ignore"
-    file_row = lambda row: f"row {row} of shard {str(shard.path)!r} (0-based, not counting the header)"  # noqa: E731
+    file_row = lambda row: shard_row(shard.path, row)  # noqa: E731
     columns = []
     for name in pad.columns:
         found = _arrow_values(table.column(name), np.dtype(pad.dtype), order) if table is not None else None

@@ -95,6 +95,11 @@ class _LoadedShard:
     """Row order within the shard for this epoch (``None``: file order)."""
 
 
+def shard_row(path: Path, row: int) -> str:
+    """How messages name row ``row`` of a shard file."""
+    return f"row {row} of shard {str(path)!r} (0-based, not counting the header)"
+
+
 def _concat(parts: list[Any]) -> Any:
     if parts[0] is None:
         return None
@@ -461,8 +466,7 @@ class ShardFeed(BaseFeed):
 
         def origin(p: int) -> str:
             start, path, a, rows = next(seg for seg in reversed(segments) if seg[0] <= p)
-            row = a + p - start if rows is None else int(rows[a + p - start])
-            return f"row {row} of shard {str(path)!r} (0-based, not counting the header)"
+            return shard_row(path, a + p - start if rows is None else int(rows[a + p - start]))
 
         return pieces, where, origin
 

@@ -48,7 +48,7 @@ from autobatch._lengths import (
 from autobatch.errors import ConfigError, DataError
 from autobatch.feeds.base import BackgroundReader, BaseFeed, RawBatch, build_feed
 from autobatch.feeds.in_memory import InMemoryFeed
-from autobatch.feeds.shards import ShardIndex, _concat, hold_out_shards, open_shards, target_names
+from autobatch.feeds.shards import ShardIndex, _concat, hold_out_shards, open_shards, shard_row, target_names
 
 logger = logging.getLogger(__name__)
 
@@ -543,7 +543,7 @@ class SizeAwareShardFeed(BaseFeed):
 
         def origin(p: int) -> str:
             path = self.shards[int(plan.files[int(slots[p])])].path
-            return f"row {int(rows[p])} of shard {str(path)!r} (0-based, not counting the header)"
+            return shard_row(path, int(rows[p]))
 
         return RawBatch(x, y, w, f"from shard(s) {names}", origin=origin, pad_to=int(self.boundaries[bucket]))
 
