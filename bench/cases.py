@@ -232,9 +232,12 @@ def _epochs_per_run(seconds_per_epoch: float, min_run_seconds: float) -> int:
     return max(1, math.ceil(min_run_seconds / max(seconds_per_epoch, 1e-3)))
 
 
-def _feed_vs_padded(model: Any, feeds: dict[str, Any], sizes: workload.Sizes) -> dict[str, tuple[Ratio, float]]:
-    """samples/s of ``model.fit`` on each feed ÷ on the same batches padded beforehand; and each feed's Python
-    seconds per epoch. The feeds serve the same batches (the same rows, order and preprocessing result)."""
+def _feed_vs_padded(
+    model: Any, feeds: dict[str, Any], sizes: workload.Sizes, reps: int
+) -> dict[str, tuple[Ratio, float]]:
+    """samples/s of ``model.fit`` on each feed ÷ on the same batches padded beforehand, ``reps`` interleaved
+    pairs; and each feed's Python seconds per epoch. The feeds serve the same batches (the same rows, order and
+    preprocessing result)."""
     datasets = {name: feed.to_tf_dataset(workload.SIGNATURE, prefetch=2) for name, feed in feeds.items()}
     for dataset in datasets.values():
         _fit_epoch(model, dataset)  # warm-up: tracing, thread pools
@@ -259,9 +262,9 @@ def _feed_vs_padded(model: Any, feeds: dict[str, Any], sizes: workload.Sizes) ->
     runs = [(name, on(feed, datasets[name])) for name, feed in feeds.items()]
     # The baseline in the middle: each feed's run is next to a baseline run in every repetition (ABBA).
     middle = len(runs) // 2
-    results = interleave(dict([*runs[:middle], ("padded", lambda: timed(n, on_padded)), *runs[middle:]]), sizes.reps)
+    results = interleave(dict([*runs[:middle], ("padded", lambda: timed(n, on_padded)), *runs[middle:]]), reps)
     return {
-        name: (ratio(results, name, "padded"), (feed.stats.seconds - before[name]) / (sizes.reps * k))
+        name: (ratio(results, name, "padded"), (feed.stats.seconds - before[name]) / (reps * k))
         for name, feed in feeds.items()
     }
 
@@ -293,7 +296,7 @@ def feed_overhead(ctx: Context) -> list[Row]:
         x, y = workload.frame(n)
         model = workload.build_model("canonical")
         feeds = {"PadColumns": _feed(x, y, batch, workload.PAD), "function": _feed(x, y, batch)}
-        results = _feed_vs_padded(model, feeds, ctx.sizes)
+        results = _feed_vs_padded(model, feeds, ctx.sizes, ctx.sizes.target_reps)
         for name, what, target in (
             ("PadColumns", "preprocess=autobatch.PadColumns(...), padded by TensorFlow", Target(0.97)),
             ("function", "preprocess a Python function calling pad_columns", None),
@@ -402,7 +405,7 @@ def shard_streaming(ctx: Context) -> list[Row]:
                 kind: _feed(ShardSource(tuple(files), "label"), None, s.stream_batch_size, pre, strategy="stream")
                 for kind, pre in (("PadColumns", workload.PAD), ("function", workload.preprocess))
             }
-            results = _feed_vs_padded(model, feeds, s)
+            results = _feed_vs_padded(model, feeds, s, s.target_reps if parquet_target is not None else s.reps)
             for kind, what in (("PadColumns", "PadColumns, padded by TensorFlow"), ("function", "a Python function")):
                 feed = feeds[kind]
                 feed.close()

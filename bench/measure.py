@@ -116,10 +116,11 @@ class Ratio:
         pairs = self.per_rep
         text = f"best {name_a} {self.rate_a:,.0f} vs {name_b} {self.rate_b:,.0f} samples/s"
         if len(pairs) > 1:
-            text = (
-                f"median of {len(pairs)} interleaved pairs, range {min(pairs):.2f}–{max(pairs):.2f}; best ÷ best "
-                f"{self.best:.2f} ({text})"
-            )
+            spread = f"range {min(pairs):.2f}–{max(pairs):.2f}"
+            if len(pairs) >= 4:
+                q1, _, q3 = statistics.quantiles(pairs, n=4, method="inclusive")
+                spread = f"middle half {q1:.2f}–{q3:.2f}, {spread}"
+            text = f"median of {len(pairs)} interleaved pairs, {spread}; best ÷ best {self.best:.2f} ({text})"
         return text + f"; samples per CPU second ratio {self.cpu_value:.2f}"
 
 

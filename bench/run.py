@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     sizes = workload.QUICK if args.quick else workload.FULL
     if args.reps is not None:
-        sizes = dataclasses.replace(sizes, reps=args.reps)
+        sizes = dataclasses.replace(sizes, reps=args.reps, target_reps=args.reps)
     names = args.names or list(cases.BENCHMARKS)
     command = "./dev bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     info = machine()

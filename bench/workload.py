@@ -57,7 +57,10 @@ class Sizes:
     stream_batch_size: int
     """Batch size of the streaming benchmarks (fixed, so only the feed differs)."""
     reps: int
-    """Interleaved repetitions of every timed comparison."""
+    """Interleaved repetitions of every timed comparison without a target."""
+    target_reps: int
+    """Interleaved repetitions of the timed comparisons that carry a target (1 and 2): a pair's ratio moves by ±10%
+    on this machine, and the median of 5 pairs by ±4%, as much as a target leaves."""
     epochs: int
     """Epochs of the child training runs that only need a plan (the large size)."""
     long_epochs: int
@@ -106,6 +109,7 @@ FULL = Sizes(
     shards_10x=40,
     stream_batch_size=256,
     reps=5,
+    target_reps=11,
     epochs=2,
     long_epochs=30,
 )
@@ -118,6 +122,7 @@ QUICK = Sizes(
     shards_10x=4,
     stream_batch_size=64,
     reps=1,
+    target_reps=1,
     epochs=1,
     long_epochs=1,
     padding_batch_size=32,

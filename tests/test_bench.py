@@ -51,6 +51,9 @@ def test_ratio_is_the_median_pair_and_reports_best_over_best():
     assert result.cpu_value == 2.0
     text = result.describe("a", "b")
     assert "median of 3 interleaved pairs, range 0.25–4.00; best ÷ best 0.50" in text
+    four = measure.Ratio((*a, measure.Run(100, 2.0)), (*b, measure.Run(100, 1.0)))
+    assert four.per_rep == [4.0, 0.25, 0.25, 0.5]
+    assert "median of 4 interleaved pairs, middle half 0.25–1.38, range 0.25–4.00" in four.describe("a", "b")
     single = measure.Ratio(a[:1], b[:1])
     assert single.value == single.best == 4.0
 
