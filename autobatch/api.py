@@ -549,7 +549,12 @@ def fit(
         validation = shares[1].dataset if len(shares) > 1 else validation
         fed = [share.feed for share in shares]
     else:
-        train_data = train.to_tf_dataset(signature, prefetch=max(chosen.queue_batches, 1), adaptive=adaptive)
+        repeat = _repeats(train, validation, chosen, adaptive=adaptive)
+        train_data = train.to_tf_dataset(
+            signature, prefetch=max(chosen.queue_batches, 1), adaptive=adaptive, repeat=repeat
+        )
+        if repeat:
+            fit_kwargs["steps_per_epoch"] = len(train)
         if isinstance(validation, BaseFeed):
             validation = validation.to_tf_dataset(signature, prefetch=1)
         fed = [feed for feed in (train, validation) if isinstance(feed, BaseFeed)]
@@ -573,6 +578,8 @@ def fit(
         if failure is not None:
             raise failure  # the DataError/PreprocessError naming the batch, not TensorFlow's wrapper
         raise
+    finally:
+        train.close()  # a repeating pass ran ahead into the next epoch: its shards are not needed any more
     history.autobatch_plan = chosen
     history.autobatch_summary = watcher.summary if watcher is not None else None
     history.autobatch_workers = None
@@ -582,6 +589,16 @@ def fit(
         if layout.is_chief:
             console.print(history.autobatch_workers)
     return history
+
+
+def _repeats(train: Any, validation: Any, chosen: Plan, *, adaptive: bool) -> bool:
+    """Whether ``fit`` trains one repeating pass of ``train`` (``to_tf_dataset(repeat=True)``, one iterator).
+
+    Not with ``adaptive`` or a size-aware feed (their batches per epoch vary), nor beside validation while
+    streaming: the training feed would then hold its next epoch's first shards while the validation feed reads
+    its own, more files than the plan budgets.
+    """
+    return not adaptive and train._steps_fixed and (validation is None or chosen.strategy == "in_memory")
 
 
 def _check_distributed(model: Any, strategy: Any, *, adaptive: bool) -> None:

@@ -209,21 +209,35 @@ def _fit_epoch(model: Any, dataset: Any) -> Any:
     return model.fit(dataset, epochs=1, verbose=0, shuffle=False)
 
 
-def _materialize(feed: Any, dataset: Any) -> tuple[Any, int]:
-    """The feed's batches of its current epoch, as numpy arrays in a ``tf.data`` pipeline like the feed's.
+def _materialize(feed: Any, dataset: Any, epochs: int = 1, *, repeat: bool = False) -> tuple[Any, int]:
+    """The feed's batches of ``epochs`` epochs from its current one, as numpy arrays in a ``tf.data`` pipeline like
+    the feed's.
 
     This is the compute limit: the same batches, padded beforehand, so training
-    on them costs only the steps. Returns the dataset and the epoch it holds.
+    on them costs only the steps. ``repeat``: served without end, epoch after
+    epoch, as ``to_tf_dataset(repeat=True)`` serves them (a new iterator starts
+    again at the first). Returns the dataset and the epoch it starts at.
     """
     import tensorflow as tf
 
     from autobatch._tfdata import prefetched
 
     epoch = feed.epoch
-    batches = [feed[i] for i in range(len(feed))]
+    batches = []
+    for e in range(epoch, epoch + epochs):
+        feed.set_epoch(e)
+        batches += [feed[i] for i in range(len(feed))]
     feed.set_epoch(epoch)
-    padded = tf.data.Dataset.from_generator(lambda: iter(batches), output_signature=dataset.element_spec)
-    padded = padded.apply(tf.data.experimental.assert_cardinality(len(batches)))
+
+    def serve() -> Any:
+        while True:
+            yield from batches
+            if not repeat:
+                return
+
+    padded = tf.data.Dataset.from_generator(serve, output_signature=dataset.element_spec)
+    cardinality = tf.data.INFINITE_CARDINALITY if repeat else len(batches)
+    padded = padded.apply(tf.data.experimental.assert_cardinality(cardinality))
     return prefetched(padded, 2), epoch  # the pipeline of the feed's own to_tf_dataset(prefetch=2)
 
 
@@ -233,36 +247,56 @@ def _epochs_per_run(seconds_per_epoch: float, min_run_seconds: float) -> int:
 
 
 def _feed_vs_padded(
-    model: Any, feeds: dict[str, Any], sizes: workload.Sizes, reps: int
+    model: Any, feeds: dict[str, Any], sizes: workload.Sizes, reps: int, *, repeat: bool = True
 ) -> dict[str, tuple[Ratio, float]]:
     """samples/s of ``model.fit`` on each feed ÷ on the same batches padded beforehand, ``reps`` interleaved
     pairs; and each feed's Python seconds per epoch. The feeds serve the same batches (the same rows, order and
-    preprocessing result)."""
-    datasets = {name: feed.to_tf_dataset(workload.SIGNATURE, prefetch=2) for name, feed in feeds.items()}
-    for dataset in datasets.values():
-        _fit_epoch(model, dataset)  # warm-up: tracing, thread pools
+    preprocessing result).
+
+    Each timed run trains ``k`` epochs from the same epoch. ``repeat``: as :func:`autobatch.fit` trains, one
+    ``model.fit(epochs=k, steps_per_epoch=len(feed))`` over ``to_tf_dataset(repeat=True)``, so Keras keeps one
+    iterator, and the baseline is served the same way; else ``k`` one-epoch fits of ``to_tf_dataset()``, a new
+    iterator for each (the baseline too), as ``model.fit(feed.to_tf_dataset(), epochs=k)`` makes one per epoch.
+    """
+    datasets = {name: feed.to_tf_dataset(workload.SIGNATURE, prefetch=2, repeat=repeat) for name, feed in feeds.items()}
     first = next(iter(feeds.values()))
-    padded, epoch = _materialize(first, datasets[next(iter(feeds))])
-    k = _epochs_per_run(timed(first.n_samples, lambda: _fit_epoch(model, padded)).seconds, sizes.min_run_seconds)
+    steps = len(first)
+    epoch = first.epoch
+
+    def fit(dataset: Any, epochs: int) -> None:
+        if repeat:
+            model.fit(dataset, epochs=epochs, steps_per_epoch=steps, verbose=0, shuffle=False)
+        else:
+            for _ in range(epochs):
+                _fit_epoch(model, dataset)
+
+    for feed, dataset in zip(feeds.values(), datasets.values(), strict=True):
+        fit(dataset, 1)  # warm-up: tracing, thread pools
+        feed.set_epoch(epoch)
+    one, _ = _materialize(first, datasets[next(iter(feeds))])
+    k = _epochs_per_run(timed(first.n_samples, lambda: _fit_epoch(model, one)).seconds, sizes.min_run_seconds)
+    del one
+    padded, _ = _materialize(first, datasets[next(iter(feeds))], k if repeat else 1, repeat=repeat)
     n = first.n_samples * k
 
     def on(feed: Any, dataset: Any) -> Callable[[], Run]:
         def run() -> None:
-            for _ in range(k):
-                feed.set_epoch(epoch)  # the same batches as the padded copy
-                _fit_epoch(model, dataset)
+            if repeat:
+                feed.set_epoch(epoch)  # the same k epochs as the padded copy
+                fit(dataset, k)
+            else:
+                for _ in range(k):
+                    feed.set_epoch(epoch)  # the same batches as the padded copy
+                    fit(dataset, 1)
 
         return lambda: timed(n, run)
-
-    def on_padded() -> None:
-        for _ in range(k):
-            _fit_epoch(model, padded)
 
     before = {name: feed.stats.seconds for name, feed in feeds.items()}
     runs = [(name, on(feed, datasets[name])) for name, feed in feeds.items()]
     # The baseline in the middle: each feed's run is next to a baseline run in every repetition (ABBA).
     middle = len(runs) // 2
-    results = interleave(dict([*runs[:middle], ("padded", lambda: timed(n, on_padded)), *runs[middle:]]), reps)
+    baseline = ("padded", lambda: timed(n, lambda: fit(padded, k)))
+    results = interleave(dict([*runs[:middle], baseline, *runs[middle:]]), reps)
     return {
         name: (ratio(results, name, "padded"), (feed.stats.seconds - before[name]) / (reps * k))
         for name, feed in feeds.items()
@@ -305,11 +339,25 @@ def feed_overhead(ctx: Context) -> list[Row]:
             rows.append(
                 Row(
                     "feed",
-                    f"InMemoryFeed ({what}) ÷ same batches pre-padded (numpy), {size} ({n:,} rows), batch {batch}",
+                    f"InMemoryFeed ({what}) ÷ same batches pre-padded (numpy), {size} ({n:,} rows), batch {batch}, "
+                    "one iterator per fit (as autobatch.fit trains)",
                     result.value,
                     target=target,
                     detail=result.describe("feed", "pre-padded")
                     + f"; the feed spent {feed_seconds:.2f} s/epoch in Python producing batches",
+                )
+            )
+        if size == ctx.sizes.sizes[0]:
+            # model.fit(feed.to_tf_dataset(), epochs=k): Keras makes a new iterator every epoch (the baseline too).
+            single = {"PadColumns": feeds["PadColumns"]}
+            result, _ = _feed_vs_padded(model, single, ctx.sizes, ctx.sizes.reps, repeat=False)["PadColumns"]
+            rows.append(
+                Row(
+                    "feed",
+                    f"InMemoryFeed (PadColumns) ÷ same batches pre-padded, {size}, batch {batch}, a new iterator every "
+                    "epoch (model.fit(feed.to_tf_dataset(), epochs=k))",
+                    result.value,
+                    detail=result.describe("feed", "pre-padded"),
                 )
             )
     # The literal reading: the whole dataset padded once to its longest sequence, fed by Keras' own array path.
@@ -414,7 +462,8 @@ def shard_streaming(ctx: Context) -> list[Row]:
                     Row(
                         "shards",
                         f"ShardFeed ({fmt}, {what}; {name}: {len(files)} shards, {feed.n_samples:,} rows, "
-                        f"{model_kind} model) ÷ same batches pre-padded, batch {s.stream_batch_size}",
+                        f"{model_kind} model) ÷ same batches pre-padded, batch {s.stream_batch_size}, one iterator "
+                        "per fit",
                         result.value,
                         target=parquet_target if fmt == "parquet" and kind == "PadColumns" else None,
                         detail=result.describe("feed", "pre-padded")

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -247,6 +248,54 @@ def test_fit_streams_shards_and_sees_every_row(tmp_path):
     plan = history.autobatch_plan
     assert plan.n_samples == 400 and plan.batch_size == 48 and plan.steps_per_epoch == 9
     assert history.autobatch_summary is None and len(history.history["loss"]) == 2
+
+
+def _recording_fit(model):
+    """``model.fit`` wrapped to record the training data's cardinality and the ``steps_per_epoch`` it was given."""
+    calls = []
+    fit = model.fit
+
+    def recorded(data, **kwargs):
+        calls.append((int(data.cardinality()), kwargs.get("steps_per_epoch")))
+        return fit(data, **kwargs)
+
+    model.fit = recorded
+    return calls
+
+
+def test_fit_keeps_one_iterator_for_the_whole_fit():
+    frame = _learnable(400, seed=1)
+    model = canonical.build_model()
+    calls = _recording_fit(model)
+    history = autobatch.fit(
+        model, frame.drop(columns=["label"]), frame["label"], preprocess=canonical.preprocess, epochs=3,
+        ram_limit="4GiB", max_batch_size=48, validation_split=0.25, cache=False,
+    )
+    # A repeating pass (infinite, steps_per_epoch=len(feed)): Keras keeps its iterator across the epochs.
+    assert calls == [(-1, math.ceil(300 / 48))]
+    assert len(history.history["loss"]) == 3 and "val_loss" in history.history
+    assert history.autobatch_summary.samples == 3 * 300, "every training row once an epoch, the last batch short"
+
+
+def test_fit_repeats_its_pass_unless_batches_vary_or_validation_reads_shards(tmp_path):
+    import types
+
+    from autobatch.api import _repeats
+    from autobatch.feeds import InMemoryFeed, ShardFeed
+    from autobatch.feeds.size_aware import SizeAwareFeed
+
+    frame = _learnable(120, seed=1)
+    canonical.write_shards(frame, tmp_path, shards=3)
+    stream, memory = types.SimpleNamespace(strategy="stream"), types.SimpleNamespace(strategy="in_memory")
+    shards = ShardFeed(tmp_path / "parquet", "label", batch_size=16)
+    rows = InMemoryFeed(frame, "label", batch_size=16)
+    validation = ShardFeed(tmp_path / "parquet", "label", batch_size=16)
+    assert _repeats(shards, None, stream, adaptive=False)
+    assert not _repeats(shards, validation, stream, adaptive=False), "validation reads shards beside it"
+    assert _repeats(rows, validation, memory, adaptive=False)
+    assert not _repeats(rows, None, memory, adaptive=True)
+    sized = SizeAwareFeed(frame, "label", boundaries=[64], batch_sizes=[16], preprocess=canonical.preprocess)
+    assert not _repeats(sized, None, memory, adaptive=False)
 
 
 def test_fit_keeps_the_effective_batch_by_gradient_accumulation():

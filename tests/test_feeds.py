@@ -703,6 +703,55 @@ def test_to_tf_dataset_yields_the_same_batches(tmp_path: Path) -> None:
         assert feed.epoch == 1, "a full pass is an epoch"
 
 
+@pytest.mark.parametrize("padding", ["function", "PadColumns"])
+def test_a_repeating_export_serves_every_epoch_from_one_iterator(tmp_path: Path, padding: str) -> None:
+    frame = canonical.make_frame(90, seed=1, max_len=64)
+    canonical.write_shards(frame, tmp_path, shards=3)
+    pad = autobatch.PadColumns(["in1", "in2"], add_feature_axis=True, target_axis=True)
+    preprocess = pad if padding == "PadColumns" else (lambda bx, by: pad(bx, by))
+    signature = (
+        TensorSpec("x/in1", "float32", (None, None, 1)),
+        TensorSpec("x/in2", "float32", (None, None, 1)),
+        TensorSpec("y", "float32", (None, 1)),
+    )
+    for make in (
+        lambda: InMemoryFeed(frame, "label", batch_size=16, preprocess=preprocess, seed=2),
+        lambda: ShardFeed(tmp_path / "parquet", "label", batch_size=16, preprocess=preprocess, seed=2),
+    ):
+        feed, reference = make(), make()
+        feed.set_epoch(3)
+        reference.set_epoch(3)
+        dataset = feed.to_tf_dataset(signature, repeat=True)
+        assert int(dataset.cardinality()) == -1, "infinite: fit it with steps_per_epoch=len(feed)"
+        iterator = dataset.as_numpy_iterator()
+        for epoch in (3, 4, 5):
+            got = [next(iterator) for _ in range(len(feed))]
+            want = [reference[i] for i in range(len(reference))]
+            assert [len(y) for _, y in got] == [len(y) for _, y in want], f"epoch {epoch}: the last batch is short"
+            for (x, y), (ex, ey) in zip(got, want, strict=True):
+                for name in ex:
+                    np.testing.assert_array_equal(x[name], ex[name])
+                np.testing.assert_array_equal(y, ey)
+            reference.on_epoch_end()
+        assert feed.epoch == 6, "each epoch's last batch advanced the feed"
+        assert feed.step_rows(0) is None, "the monitor counts a repeating pass's steps by batch_bounds"
+        feed.close()
+
+
+def test_repeat_needs_the_same_batches_every_epoch() -> None:
+    from autobatch.feeds.size_aware import SizeAwareFeed
+
+    frame = canonical.make_frame(60, seed=1, max_len=64)
+    feed = InMemoryFeed(frame, "label", batch_size=16, preprocess=_sequence_preprocess)
+    with pytest.raises(ConfigError, match="repeat=True needs the same batches every epoch.*adaptive=True"):
+        feed.to_tf_dataset(repeat=True, adaptive=True)
+    sized = SizeAwareFeed(
+        frame, "label", boundaries=[32, 64], batch_sizes=[16, 8], preprocess=_sequence_preprocess
+    )
+    with pytest.raises(ConfigError, match="a SizeAwareFeed, whose batches per epoch vary"):
+        sized.to_tf_dataset(repeat=True)
+
+
 def test_to_tf_dataset_infers_varying_axes_and_carries_sample_weights() -> None:
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 30, size=40)

@@ -164,6 +164,9 @@ class BaseFeed(keras.utils.PyDataset):
     Subclasses implement :attr:`n_samples`, :meth:`_rows` and :meth:`_options`.
     """
 
+    _steps_fixed: bool = True
+    """Every epoch has ``len(self)`` batches at the same ``batch_bounds`` (what ``to_tf_dataset(repeat=True)`` needs)."""
+
     def __init__(
         self,
         *,
@@ -574,6 +577,7 @@ class BaseFeed(keras.utils.PyDataset):
         infer_batches: int = 2,
         prefetch: int | Literal["autotune"] = 2,
         adaptive: bool = False,
+        repeat: bool = False,
     ) -> Any:
         """This feed as a ``tf.data.Dataset`` of the same batches, ``prefetch`` of them produced ahead.
 
@@ -581,6 +585,14 @@ class BaseFeed(keras.utils.PyDataset):
         batch is produced the feed moves to the next epoch's shuffle order, as
         with Keras. A pass that stops early leaves the epoch unchanged (see the
         module's resume semantics).
+
+        With ``repeat=True`` one pass serves epoch after epoch, without end: train
+        it with ``model.fit(..., steps_per_epoch=len(feed))``, as :func:`autobatch.fit`
+        does. Keras then keeps one iterator for the whole ``fit`` instead of making a
+        new one every epoch (on the canonical example that costs 30–50 ms an epoch,
+        more with a ``PadColumns`` export, whose map function is instantiated anew),
+        and the next epoch's first batches are made while the current one's last
+        steps train.
 
         Args:
             output_signature: the probe's :class:`~autobatch.TensorSpec` tuple
@@ -599,11 +611,14 @@ class BaseFeed(keras.utils.PyDataset):
                 first epoch's count) and each pass ends when the epoch's rows are
                 served; Keras warns "Your input ran out of data" at the end of each epoch,
                 which :func:`autobatch.fit` silences.
+            repeat: serve every epoch from one pass (above); the dataset's cardinality
+                is then infinite. Not with ``adaptive``, nor for feeds whose batches
+                per epoch vary (size-aware feeds).
 
         Returns:
             A ``tf.data.Dataset`` of ``(inputs, targets[, sample_weight])`` with an
             exact ``element_spec`` and known cardinality ``len(self)`` (rows per epoch
-            with ``adaptive``).
+            with ``adaptive``, infinite with ``repeat``).
 
         Raises:
             PreprocessError: ``output_signature`` disagrees with the first batch's
@@ -611,9 +626,16 @@ class BaseFeed(keras.utils.PyDataset):
                 (e.g. an axis inferred as fixed varies) fails while iterating, as
                 ``tf.errors.UnknownError`` carrying the ``PreprocessError`` message:
                 pass the probe's signature, or pad that axis to a fixed length.
+            ConfigError: ``repeat`` with ``adaptive``, or for a feed whose batches per epoch vary.
         """
         import tensorflow as tf
 
+        if repeat and (adaptive or not self._steps_fixed):
+            why = "adaptive=True" if adaptive else f"a {type(self).__name__}, whose batches per epoch vary"
+            raise ConfigError(
+                f"repeat=True needs the same batches every epoch (steps_per_epoch=len(feed)); received {why}. "
+                "Pass repeat=False: Keras then makes a new iterator every epoch."
+            )
         signature_specs = output_signature if output_signature is not None else self.output_signature
         count = len(self)
         if count == 0:
@@ -635,11 +657,15 @@ class BaseFeed(keras.utils.PyDataset):
             return self._conform(self._serve(lo, hi, index), flat_specs, f"batch {index}")
 
         def generate() -> Iterator[tuple[Any, ...]]:
-            rows_log: list[tuple[int, int]] = []
+            rows_log: list[tuple[int, int]] | None = None if repeat else []
             with self._lock:
-                self._pass = rows_log  # what the monitor reads: (rows, pieces of its batch) of each element, in order
+                # What the monitor reads: (rows, pieces of its batch) of each element, in order. A repeating pass
+                # runs ahead into the next epoch; its batches are batch_bounds', which the monitor falls back to.
+                self._pass = rows_log
             try:
                 yield from self._pass_elements(make, rows_log, adaptive)
+                while repeat:
+                    yield from self._pass_elements(make, None, adaptive)
             except AutobatchError as exc:
                 with self._lock:
                     self._failure = exc  # TensorFlow re-raises it as UnknownError; autobatch.fit restores it
@@ -651,7 +677,8 @@ class BaseFeed(keras.utils.PyDataset):
             dataset = tf.data.Dataset.from_generator(generate, output_signature=native.element_signature)
             dataset = dataset.map(native.assemble)
         if not adaptive:
-            dataset = dataset.apply(tf.data.experimental.assert_cardinality(count))
+            cardinality = tf.data.INFINITE_CARDINALITY if repeat else count
+            dataset = dataset.apply(tf.data.experimental.assert_cardinality(cardinality))
         dataset = prefetched(dataset, prefetch)
         if adaptive:
             upper = count * self.batch_size if self.drop_remainder else self.n_samples
@@ -684,7 +711,7 @@ class BaseFeed(keras.utils.PyDataset):
     def _pass_elements(
         self,
         make: Callable[[int, int, int], tuple[Any, ...]],
-        rows_log: list[tuple[int, int]],
+        rows_log: list[tuple[int, int]] | None,
         adaptive: bool,
     ) -> Iterator[tuple[Any, ...]]:
         """One epoch's elements, ``make(lo, hi, batch)``: each batch whole, or (``adaptive``) in ``self.pieces``."""
@@ -696,7 +723,8 @@ class BaseFeed(keras.utils.PyDataset):
             cuts = np.linspace(lo, hi, pieces + 1).round().astype(np.int64)
             for j in range(pieces):
                 element = make(int(cuts[j]), int(cuts[j + 1]), i)
-                rows_log.append((int(cuts[j + 1] - cuts[j]), split))
+                if rows_log is not None:
+                    rows_log.append((int(cuts[j + 1] - cuts[j]), split))
                 if i == count - 1 and j == pieces - 1:
                     # The epoch is complete once its last batch exists: advance now, not after the consumer asks
                     # for one more element (Keras stops at the known count and may never ask).

@@ -174,6 +174,8 @@ class SizeAwareFeed(InMemoryFeed):
         >>> model.fit(feed.to_tf_dataset(plan.probe.output_signature), epochs=3)
     """
 
+    _steps_fixed = False  # the buckets' batches per epoch vary with the shuffle
+
     def __init__(
         self,
         x: Any,
@@ -333,6 +335,8 @@ class SizeAwareShardFeed(BaseFeed):
         ConfigError: the buckets are malformed, or ``drop_remainder=True``.
         DataError: a shard is missing, unreadable, or lacks a column.
     """
+
+    _steps_fixed = False  # the buckets' batches per epoch vary with the shuffle
 
     def __init__(
         self,
