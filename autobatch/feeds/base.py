@@ -663,9 +663,10 @@ class BaseFeed(keras.utils.PyDataset):
                 # runs ahead into the next epoch; its batches are batch_bounds', which the monitor falls back to.
                 self._pass = rows_log
             try:
-                yield from self._pass_elements(make, rows_log, adaptive)
-                while repeat:
-                    yield from self._pass_elements(make, None, adaptive)
+                while True:
+                    yield from self._pass_elements(make, rows_log, adaptive)
+                    if not repeat:
+                        break
             except AutobatchError as exc:
                 with self._lock:
                     self._failure = exc  # TensorFlow re-raises it as UnknownError; autobatch.fit restores it
