@@ -358,6 +358,30 @@ class ShardSource:
 # --------------------------------------------------------------------------- sampling for the probe
 
 
+def largest_file(files: Sequence[Path]) -> Path:
+    """The shard the probe holds as streaming holds one: the largest file on disk."""
+    return max(files, key=lambda path: path.stat().st_size)
+
+
+def shards_fingerprint(source: ShardSource) -> str:
+    """A fingerprint of shard files from their names, sizes, times and the first one's columns: no rows are read."""
+    files = [(str(path), st.st_size, st.st_mtime_ns) for path, st in ((p, p.stat()) for p in source.files)]
+    return _fingerprint(files, shard_info_columns(source.files[0]), source.target)
+
+
+def shard_info_columns(path: Path) -> tuple[str, ...]:
+    """The columns of one shard as :func:`read_shard` gives them, from its header or footer."""
+    try:
+        if shard_format(path) == "parquet":
+            import pyarrow.parquet as pq
+
+            # An empty table through pandas gives the columns read_parquet will give (index columns restored).
+            return tuple(pq.ParquetFile(path).schema_arrow.empty_table().to_pandas().columns)
+        return tuple(pd.read_csv(path, nrows=0).columns)
+    except Exception as exc:  # pandas/pyarrow raise many types; all mean "cannot parse this file"
+        raise DataError(f"cannot read shard {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+
+
 @dataclasses.dataclass(frozen=True)
 class DataSample:
     """What the probe needs from a dataset, without holding all of it."""
@@ -528,7 +552,7 @@ def sample_shards(source: ShardSource, *, k: int, seed: int = 0, scan_bytes: int
         raw_bytes=int(round(per_row * n)),
         raw_bytes_scope=f"{scope}: {per_row:,.0f} B/row in memory after reading",
         largest_shard_raw_bytes=int(largest),
-        largest_shard=files[int(np.argmax(counts))],
+        largest_shard=largest_file(files),
         random=kept["random"][0],
         worst=kept["worst"][0],
         smallest=kept["smallest"][0],
@@ -594,19 +618,12 @@ def shard_info(path: Path) -> ShardInfo:
     stat = path.stat()
     if stat.st_size == 0:
         raise DataError(f"shard {str(path)!r} is an empty (zero-byte) file. Remove it or write its rows.")
-    try:
-        if shard_format(path) == "parquet":
-            import pyarrow.parquet as pq
+    columns = shard_info_columns(path)
+    n_rows = -1
+    if shard_format(path) == "parquet":
+        import pyarrow.parquet as pq
 
-            parquet = pq.ParquetFile(path)
-            # An empty table through pandas gives the columns read_parquet will give (index columns restored).
-            columns = tuple(parquet.schema_arrow.empty_table().to_pandas().columns)
-            n_rows = int(parquet.metadata.num_rows)
-        else:
-            columns = tuple(pd.read_csv(path, nrows=0).columns)
-            n_rows = -1
-    except Exception as exc:  # pandas/pyarrow raise many types; all mean "cannot parse this file"
-        raise DataError(f"cannot read shard {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+        n_rows = int(pq.ParquetFile(path).metadata.num_rows)
     if n_rows < 0:
         try:
             n_rows = _csv_row_count(path)

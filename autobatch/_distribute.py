@@ -267,7 +267,7 @@ def replica_limits(
     Raises:
         BudgetError: one device cannot hold even one sample.
     """
-    per_device_options = {k: v for k, v in options.items() if k not in ("process_extra_bytes", "export_bytes")}
+    per_device_options = {k: v for k, v in options.items() if k not in ("process_rss_bytes", "export_bytes")}
     host_share = local_plan.batch_size // layout.local_replicas
     host_use = local_plan.budget("host")
     host_reason = _reason(local_plan)

@@ -89,6 +89,9 @@ def _load(message: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         raise TypeError(f"the model reference {ref} did not give a keras.Model, but {type(model)}")
     if not getattr(model, "compiled", False) or model.optimizer is None:
         raise ValueError("the model is not compiled: call model.compile(optimizer=..., loss=...) before probing")
+    # The trials' growth is measured above this: TensorFlow's runtime and the model, before any step or shard.
+    gc.collect()
+    baseline = rss_bytes()
     held, read_peak = None, None
     if message.get("shard"):
         # A first read pays one-time costs (imports, thread pools) that stay resident; measure the second.
@@ -109,7 +112,7 @@ def _load(message: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         "shard_read_peak_bytes": read_peak,
         "device": device,
         "gpu": bool(gpus),
-        "baseline_rss_bytes": rss_bytes(),
+        "baseline_rss_bytes": baseline,
         "param_count": int(model.count_params()),
         "model_name": model.name,
     }

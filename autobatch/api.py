@@ -16,7 +16,7 @@ from autobatch import _cache, _distribute
 from autobatch._memory import Budget, gpu_budget, host_budget, rss_bytes
 from autobatch.plan import Plan, make_plan
 from autobatch.errors import AutobatchError, ConfigError, ProbeError
-from autobatch.probe import Preprocess, Prober, ProbeResult
+from autobatch.probe import Preprocess, Prober, ProbeResult, StepTrial
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -24,8 +24,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_CONFIRMATIONS = 6
-CONFIRM_SLACK = 1.03
-"""A plan within 3% above a batch a trial confirmed takes that batch instead of running one more trial."""
+CONFIRM_GROWTH = 1.10
+"""A plan at most 10% above a size a trial confirmed takes that size instead of one more trial."""
+BRACKET = 1.3
+"""A plan between a trial that fits and one over the budget at most 30% larger is interpolated between them."""
 
 
 def _budget_bucket(budgets: Sequence[Budget]) -> str:
@@ -34,55 +36,96 @@ def _budget_bucket(budgets: Sequence[Budget]) -> str:
 
 
 class _Confirmer(Protocol):
-    def confirm(self, result: ProbeResult, batch_size: int, *, rss_limit_bytes: int | None) -> ProbeResult: ...
+    def confirm(
+        self, result: ProbeResult, batch_size: int, *, rss_limit_bytes: int | None, fresh: bool = False
+    ) -> ProbeResult: ...
 
 
 def confirm_plan(
     prober: _Confirmer, result: ProbeResult, budgets: Sequence[Budget], **options: Any
 ) -> tuple[Plan, ProbeResult]:
-    """Plan, then confirm the batch size with real trials, stepping down until one fits.
+    """Plan, then confirm the batch size with real trials.
 
-    Each trial's measurement joins the fit (whose line lies above every measured
-    point), so a trial that measures more than predicted pulls the next plan
-    down; a trial that runs out of memory caps the batch below it. If no plan is
-    confirmed within ``MAX_CONFIRMATIONS`` trials, the largest trial that fitted wins.
+    Each trial's measurement joins the fit (whose line lies above every measured point). A trial measures
+    the same thing whatever was tried before it: trials go up in batch size within one child process, and
+    a trial below one already run starts a fresh child that replays the probe's trials first (a trial after
+    a larger one would start from the memory the larger one left in TensorFlow's allocators). So:
+
+    - a plan at or below a trial that fits its budget is confirmed;
+    - between a trial that fits and one over the budget at most ``BRACKET`` times larger, the plan is
+      interpolated between the two (memory grows with the batch), not tried again;
+    - otherwise the planned size is tried; a trial that ran out of memory (or was stopped at what the machine
+      can give) caps the batch below it, and the plan bisects down.
 
     Returns:
-        The confirmed plan and the probe result including the new trials.
+        The plan and the probe result including the new trials.
     """
     user_cap = options.pop("max_batch_size", None)
 
-    def cap_for(result: ProbeResult) -> int | None:
-        # Bisect between the largest fitting trial and the smallest failed one.
-        failed = result.failed_batch_size()
-        if failed is None:
-            return user_cap
-        fitting = [t.batch_size for t in result.trials if t.fits and t.batch_size < failed]
-        bisect = max((max(fitting, default=0) + failed) // 2, 1)
-        return bisect if user_cap is None else min(bisect, user_cap)
+    def planned(of: ProbeResult, cap: int | None = None) -> Plan:
+        caps = [c for c in (user_cap, cap) if c is not None]
+        return make_plan(of, budgets, max_batch_size=min(caps) if caps else None, **options)
 
-    chosen = make_plan(result, budgets, max_batch_size=cap_for(result), **options)
+    def within(trial: StepTrial) -> bool:
+        at = planned(result, trial.batch_size)
+        return trial.fits and at.confirmed and at.confirmed_batch_size == trial.batch_size
+
+    chosen = planned(result)
     for _ in range(MAX_CONFIRMATIONS):
-        if chosen.confirmed:
-            return _trial_capped(chosen, user_cap), result
+        failed = result.failed_batch_size()
+        cap = None
+        if failed is not None:
+            # Bisect between the largest fitting trial and the smallest failed one.
+            fitting = [t.batch_size for t in result.trials if t.fits and t.batch_size < failed]
+            cap = max((max(fitting, default=0) + failed) // 2, 1)
+        chosen = planned(result, cap)
         host = chosen.budget("host")
-        if host is None:
+        fits = [t for t in result.trials if within(t)]
+        over = [t for t in result.trials if t.fits and t.peak_rss_bytes is not None and not within(t)]
+        lo = max(fits, key=lambda t: t.batch_size, default=None)
+        hi = min((t for t in over if lo is None or t.batch_size > lo.batch_size), key=lambda t: t.batch_size, default=None)
+        if host is None or (chosen.confirmed and (hi is None or lo is None or chosen.batch_size >= lo.batch_size)):
             break
+        size = chosen.batch_size
+        if lo is not None and hi is None and len(fits) >= 2:
+            # Growing past a trial that fits: extrapolate from the two largest that fit (the local slope), when lower.
+            local = sorted(fits, key=lambda t: t.batch_size)[-2:]
+            size = min(size, max(planned(dataclasses.replace(result, trials=tuple(local)), cap).batch_size, 1))
+        if lo is not None and hi is None and size <= CONFIRM_GROWTH * lo.batch_size:
+            chosen = planned(result, lo.batch_size)  # the refitted line allows a little more: keep the confirmed size
+            break
+        if lo is not None and hi is not None:
+            # Between a trial that fits and one over the budget: their chord (memory grows with the batch).
+            chord = planned(dataclasses.replace(result, trials=(lo, hi)), min(hi.batch_size - 1, cap or hi.batch_size))
+            size = max(chord.batch_size, lo.batch_size)
+            if size <= CONFIRM_GROWTH * lo.batch_size:
+                chosen = planned(result, lo.batch_size)  # not worth another trial: the size a trial confirmed
+                break
+            if hi.batch_size <= BRACKET * lo.batch_size:
+                chosen = _bracketed(dataclasses.replace(chord, probe=result), lo, hi)
+                break
         extras = sum(v for name, v in host.components if name != "train step")
-        logger.info("confirming batch %d with a real trial", chosen.batch_size)
-        result = prober.confirm(result, chosen.batch_size, rss_limit_bytes=max(host.usable_bytes - extras, 1))
-        chosen = make_plan(result, budgets, max_batch_size=cap_for(result), **options)
-        fitted = max((t.batch_size for t in result.trials if t.fits and t.batch_size <= chosen.batch_size), default=0)
-        if not chosen.confirmed and chosen.batch_size <= CONFIRM_SLACK * fitted:
-            # The new point nudged the line up by a few samples: take the size a trial confirmed, not another trial.
-            cap = fitted if user_cap is None else min(fitted, user_cap)
-            chosen = make_plan(result, budgets, max_batch_size=cap, **options)
-    if not chosen.confirmed:
-        fitting = [t.batch_size for t in result.trials if t.fits and t.batch_size <= chosen.batch_size]
-        if fitting:
-            cap = max(fitting) if user_cap is None else min(max(fitting), user_cap)
-            chosen = make_plan(result, budgets, max_batch_size=cap, **options)
+        # A trial that grows past twice what the plan allows cannot fit: stop it there rather than let it run on.
+        allowed = max(host.usable_bytes - extras, 1)
+        fresh = size < max((t.batch_size for t in result.trials if t.fits), default=0)
+        logger.info("confirming batch %d with a real trial%s", size, " in a fresh child" if fresh else "")
+        result = prober.confirm(result, size, rss_limit_bytes=(result.baseline_rss_bytes or 0) + 2 * allowed, fresh=fresh)
+    else:
+        fitted = [t.batch_size for t in result.trials if within(t)]
+        if fitted:
+            chosen = planned(result, max(fitted))
     return _trial_capped(chosen, user_cap), result
+
+
+def _bracketed(plan: Plan, lo: StepTrial, hi: StepTrial) -> Plan:
+    """The plan interpolated between a trial that fits (``lo``) and one over the budget (``hi``), saying so."""
+    return dataclasses.replace(
+        plan,
+        limited_by="host memory",
+        explanation=f"between real trials at batch {lo.batch_size:,} (fits) and {hi.batch_size:,} (over the budget), "
+        + plan.explanation[0].lower()
+        + plan.explanation[1:].replace("limited by max_batch_size", "interpolated between them", 1),
+    )
 
 
 def _trial_capped(plan: Plan, user_cap: int | None) -> Plan:
@@ -132,9 +175,8 @@ def plan(
         ram_limit: peak host RAM the training process may use (e.g. ``"8GiB"``);
             default: free RAM capped by the cgroup limit.
         gpu_limit: device memory one replica may use; default: free GPU memory.
-        safety: margin kept free on top of the predicted growth: ``safety`` × what grows with
-            the batch and what is estimated rather than measured (see :func:`make_plan`);
-            default 0.1, of the whole budget with ``in_process=False``.
+        safety: margin kept free on top of what training adds: ``safety`` × the step's growth,
+            the queue, preprocessing and the shards being read (see :func:`make_plan`); default 0.1.
         max_batch_size: never plan a larger batch.
         multiple_of: round the batch size down to a multiple of this.
         target_batch_size: the batch the optimisation should see; kept by gradient
@@ -143,11 +185,10 @@ def plan(
         confirm: run the confirming trial at the chosen size.
         cache: reuse an identical earlier probe (same data, preprocess, model, device, budget).
         cache_dir: where the cache lives.
-        in_process: training will run in this process, so what it already holds beyond
-            the probe child's runtime, model and the dataset is budgeted too, and the
-            margin covers the predicted growth. ``False`` (the CLI) plans for a training
-            process autobatch does not run — its own loop may hold more than the trials'
-            ``model.fit`` — so the margin is ``safety`` × the whole budget.
+        in_process: training will run in this process, so its own resident memory, measured
+            after probing, is the plan's fixed part. ``False`` (the CLI) plans for a training
+            process autobatch does not run: the probe child's runtime + model stands for it,
+            and the plan says so.
         strategy: a ``tf.distribute`` strategy to plan for; default: the one whose
             ``scope()`` is active, if any. Then ``batch_size`` (and ``max_batch_size``) are
             per replica: each replica's own device budget (GPU) and its share of its host's
@@ -196,7 +237,6 @@ def plan(
         multiple_of=multiple_of,
         queue_batches=queue_batches,
         target_batch_size=target_batch_size,
-        margin_on="growth" if in_process else "budget",
     )
     run = dict(confirm=confirm, cache=cache, cache_dir=cache_dir, in_process=in_process, probe_options=probe_options)
     if layout is None:
@@ -258,13 +298,10 @@ def _plan_locally(
             result = prober.measure()
             if cache:
                 _cache.store(probe_key, result.to_dict(), cache_dir)
-        if in_process and result.baseline_rss_bytes is not None:
-            # Training runs here: what this process holds beyond the child's runtime + model (and beyond
-            # the in-memory dataset, budgeted on its own) stays resident while training, and so will what
-            # a PadColumns feed's tf.data export builds.
-            held = result.raw_bytes if result.source == "in_memory" else 0
-            extra = max(rss_bytes() - result.baseline_rss_bytes - held, 0)
-            options["process_extra_bytes"] = extra
+        if in_process:
+            # Training runs here: what this process holds now is the fixed part, measured where it is paid,
+            # and what a PadColumns feed's tf.data export builds comes on top of it.
+            options["process_rss_bytes"] = rss_bytes()
             options["export_bytes"] = _export_bytes(prober, result)
         if confirm and result.has_model:
             chosen, result = confirm_plan(prober, result, plan_budgets, **options)
@@ -351,6 +388,131 @@ def _feed_failure(*feeds: Any) -> AutobatchError | None:
     return None
 
 
+_FIT_KEYWORD_HINTS: dict[str, str] = {
+    **dict.fromkeys(("target", "targets", "label", "labels"), "y"),
+    "batch": "max_batch_size= (never train on larger batches) or target_batch_size= (the batch the optimizer sees, "
+    "kept by gradient accumulation); autobatch.fit chooses the batch size itself",
+    **dict.fromkeys(("memory_limit", "max_memory", "ram", "memory"), "ram_limit= (e.g. ram_limit='8GiB')"),
+    **dict.fromkeys(("gpu_memory", "vram"), "gpu_limit= (e.g. gpu_limit='16GiB', per replica)"),
+}
+"""Keywords users reach for that autobatch.fit spells otherwise, and what to say instead."""
+
+
+def _model_fit_parameters(model: Any) -> set[str]:
+    """The keyword names ``model.fit`` accepts: its own, and ``keras.Model.fit``'s when it takes ``**kwargs``."""
+    import inspect
+
+    import keras
+
+    def named(function: Any) -> tuple[set[str], bool]:
+        parameters = inspect.signature(function).parameters.values()
+        names = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+        return names, any(p.kind is p.VAR_KEYWORD for p in parameters)
+
+    try:
+        names, forwards = named(model.fit)
+    except (AttributeError, TypeError, ValueError):  # no introspectable fit: judge by what Keras' takes
+        names, forwards = set(), True
+    if forwards:  # an override that passes **kwargs on, as subclasses of keras.Model do
+        names |= named(keras.Model.fit)[0]
+    return names
+
+
+def _check_fit_kwargs(model: Any, fit_kwargs: Mapping[str, Any]) -> None:
+    """A :class:`ConfigError` naming every keyword that neither ``autobatch.fit`` nor ``model.fit`` takes.
+
+    ``autobatch.fit`` passes what it does not take itself on to ``model.fit``, so a misspelt or foreign option
+    (``target=``, the CLI's ``--target``) would otherwise fail only after probing, inside the first batch.
+    """
+    import difflib
+    import inspect
+    import reprlib
+
+    accepted = _model_fit_parameters(model)
+    unknown = [key for key in fit_kwargs if key not in accepted]
+    if not unknown:
+        return
+    own = set(inspect.signature(fit).parameters) - {"model", "fit_kwargs"}
+    # Not what autobatch.fit decides itself (it warns and ignores those), nor the data it passes.
+    candidates = sorted((own | accepted) - {"x", "batch_size", "steps_per_epoch"})
+    hints = []
+    for key in unknown:
+        hint = _FIT_KEYWORD_HINTS.get(key.lower())
+        value = fit_kwargs[key]
+        if hint == "y":
+            named = isinstance(value, str) or (
+                isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value)
+            )
+            hints.append(
+                f"`{key}`: did you mean " + (f"y={value!r}" if named else "y=") + "? y is the target column name "
+                "(or names) of the data, or the targets themselves (an array, Series or DataFrame)."
+            )
+        elif hint is not None:
+            hints.append(f"`{key}`: did you mean {hint}?")
+        else:
+            close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+            hints.append(
+                f"`{key}`: did you mean {close[0]}=?" if close
+                else f"`{key}`: no close match; see help(autobatch.fit) and help(model.fit)."
+            )
+    received = ", ".join(f"{key}={reprlib.repr(fit_kwargs[key])}" for key in unknown)
+    raise ConfigError(
+        f"unknown keyword argument(s) {', '.join(f'`{key}`' for key in unknown)}: autobatch.fit passes the keywords "
+        f"it does not take itself to {type(model).__name__}.fit, which does not take "
+        f"{'it' if len(unknown) == 1 else 'them'} either. {' '.join(hints)} Received: {received}"
+    )
+
+
+def _check_targets(model: Any, x: Any, y: Any, preprocess: Any) -> None:
+    """A :class:`ConfigError` when ``model.fit`` would get no targets although the model's loss needs them.
+
+    That is: ``y`` is None, no ``preprocess`` may build targets from the batch (with the default one every
+    column is an input), and the model is compiled with a loss. Data from ``"module:function"`` brings its own
+    ``y``, and a :class:`~autobatch._data.ShardSource` may name its target.
+    """
+    import reprlib
+
+    import numpy as np
+    import pandas as pd
+
+    from autobatch._data import ShardSource, shard_info
+    from autobatch._loading import is_callable_spec
+
+    if y is not None or preprocess is not None or getattr(model, "loss", None) is None:
+        return
+    columns: list[str] | None = None
+    if isinstance(x, ShardSource):
+        if x.target is not None:
+            return
+        columns = list(shard_info(x.files[0]).columns)
+    elif isinstance(x, (str, os.PathLike)):
+        if is_callable_spec(str(x)):
+            return
+        columns = list(shard_info(ShardSource.from_spec(x).files[0]).columns)  # a missing path: its DataError
+    elif isinstance(x, pd.DataFrame):
+        columns = [str(name) for name in x.columns]
+    elif not isinstance(x, (np.ndarray, pd.Series, Mapping, tuple, list)):
+        return  # not data autobatch takes: the feed's dispatcher says so
+    short = reprlib.Repr()
+    short.maxlist = 20
+    what = (
+        f"the target column name (one of: {short.repr(columns)}) or the targets themselves (an array or Series)"
+        if columns is not None
+        else "the targets (an array with one row per sample, or a dict of them per output)"
+    )
+    raise ConfigError(
+        f"no targets: pass y= {what}. Model {getattr(model, 'name', type(model).__name__)!r} is compiled with a "
+        "loss, which needs targets, but y is None and no preprocess builds them (the default one makes every "
+        "column an input). If your preprocess builds the targets from the batch's columns, pass it as "
+        "preprocess=. Received: y=None"
+    )
+
+
+def _epochs_to_train(epochs: int, fit_kwargs: Mapping[str, Any]) -> int:
+    """The epochs ``model.fit`` trains: from ``initial_epoch`` up to ``epochs`` (at least one, for the export)."""
+    return max(int(epochs) - int(fit_kwargs.get("initial_epoch") or 0), 1)
+
+
 def fit(
     model: Any,
     x: Any,
@@ -390,9 +552,14 @@ def fit(
     Args:
         model: a compiled ``keras.Model`` (it is trained in place, as ``model.fit`` would).
         x: in-memory data (DataFrame, arrays, dict of arrays) or shard files (a directory or glob).
-        y: targets, or the target column name(s).
-        preprocess: ``preprocess(batch_x, batch_y) -> (inputs, targets)`` applied to every batch.
-        epochs: passed to ``model.fit``.
+        y: targets, or the target column name(s). ``None`` only when ``preprocess`` builds
+            the targets itself (it gets ``batch_y=None``) or the model is compiled without a
+            loss; with the default ``preprocess`` every column is an input, so a model with a
+            loss gets a ``ConfigError`` listing the columns to name, before any probing.
+        preprocess: ``preprocess(batch_x, batch_y) -> (inputs, targets)`` applied to every batch,
+            once per sample per epoch (and once per validation pass on validation data).
+        epochs: passed to ``model.fit``. Exactly the epochs that train are prepared: from
+            ``initial_epoch`` (a ``model.fit`` argument) to ``epochs``, no batch past the last.
         validation_data: ``(x_val, y_val)`` raw data (fed through ``preprocess`` at the planned batch),
             or anything ``model.fit`` accepts as validation data (a feed, a ``tf.data.Dataset``).
         validation_split: hold out this fraction (rows in memory, whole shards when streaming).
@@ -436,12 +603,18 @@ def fit(
         size_aware_options: more keyword arguments for :func:`plan_size_aware` (``buckets``,
             ``sequence_columns``, ``length_fn``, ``grid_batch_sizes`` ...); the feed gets
             ``sequence_columns``/``length_fn`` too.
-        **fit_kwargs: passed to ``model.fit``.
+        **fit_kwargs: passed to ``model.fit`` (``class_weight``, ``initial_epoch``,
+            ``validation_freq`` ...). Each is checked against what ``model.fit`` takes
+            before any probing: a keyword neither takes is a ``ConfigError`` naming the
+            closest valid one (``target=``/``label=`` → ``y=``, ``batch=`` →
+            ``max_batch_size=``/``target_batch_size=``).
 
     Returns:
         The Keras ``History``, with ``autobatch_plan`` and ``autobatch_summary``.
 
     Raises:
+        ConfigError: before any probing, a keyword neither ``autobatch.fit`` nor
+            ``model.fit`` takes, or no targets for a model compiled with a loss.
         AutobatchError: a subclass saying what is wrong with the data, the
             preprocessing, the model or the budget, also when a batch fails
             inside ``model.fit`` (TensorFlow's wrapping error is its context).
@@ -464,6 +637,9 @@ def fit(
             )
     if "shuffle" in fit_kwargs:
         shuffle = bool(fit_kwargs.pop("shuffle"))
+    # Before any probing: a misspelt keyword or missing targets would otherwise fail minutes later, in a batch.
+    _check_fit_kwargs(model, fit_kwargs)
+    _check_targets(model, x, y, preprocess)
     if validation_data is not None and validation_split is not None:
         raise ConfigError("pass either `validation_data` or `validation_split`, not both.")
     if adaptive and not monitor:
@@ -550,8 +726,13 @@ def fit(
         fed = [share.feed for share in shares]
     else:
         repeat = _repeats(train, validation, chosen, adaptive=adaptive)
+        # A repeating pass ends with the last epoch that trains: no batch is prepared (or shard read) past it.
         train_data = train.to_tf_dataset(
-            signature, prefetch=max(chosen.queue_batches, 1), adaptive=adaptive, repeat=repeat
+            signature,
+            prefetch=max(chosen.queue_batches, 1),
+            adaptive=adaptive,
+            repeat=repeat,
+            epochs=_epochs_to_train(epochs, fit_kwargs) if repeat else None,
         )
         if repeat:
             fit_kwargs["steps_per_epoch"] = len(train)
@@ -579,7 +760,7 @@ def fit(
             raise failure  # the DataError/PreprocessError naming the batch, not TensorFlow's wrapper
         raise
     finally:
-        train.close()  # a repeating pass ran ahead into the next epoch: its shards are not needed any more
+        train.close()  # a fit stopped early (a callback, an error) may leave read-ahead shards: release them
     history.autobatch_plan = chosen
     history.autobatch_summary = watcher.summary if watcher is not None else None
     history.autobatch_workers = None
@@ -681,7 +862,6 @@ def plan_size_aware(
     if gpu is not None:
         budgets.append(gpu)
     options: dict[str, Any] = dict(
-        margin_on="growth" if in_process else "budget",
         buckets=buckets, safety=safety, max_batch_size=max_batch_size, queue_batches=queue_batches
     )
     # The grid replaces the fixed-batch trials: one small trial gives the runtime's baseline and the signature.
@@ -695,9 +875,8 @@ def plan_size_aware(
             grid_lengths=grid_lengths,
         )
         result = prober.measure()
-        if in_process and result.baseline_rss_bytes is not None:
-            held = result.raw_bytes if result.source == "in_memory" else 0
-            options["process_extra_bytes"] = max(rss_bytes() - result.baseline_rss_bytes - held, 0)
+        if in_process:
+            options["process_rss_bytes"] = rss_bytes()
         # A grid trial may not take more than the whole budget: past it, it counts as "does not fit".
         sized = grid.measure(result, rss_limit_bytes=budgets[0].limit_bytes)
         chosen = make_bucket_plan(sized, budgets, **options)

@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--gpu-limit", help="device memory per replica, e.g. 16GiB (default: free GPU memory)")
     probe.add_argument(
         "--safety", type=_fraction, default=None,
-        help="margin kept free, a fraction of the whole budget (default 0.1: 10%%): the training loop is yours, "
-        "so it may hold more than the trials measured",
+        help="margin kept free on top of what training adds (the step's growth, queue, preprocessing, shards "
+        "read), as a fraction of it (default 0.1: 10%%), the same rule as autobatch.fit",
     )
     probe.add_argument("--max-batch-size", type=_positive_int)
     probe.add_argument("--multiple-of", type=_positive_int, help="round the batch size down to a multiple of N")

@@ -63,7 +63,7 @@ def read_memory() -> MemoryReading:
     available = psutil.virtual_memory().available
     group = read_cgroup_memory()
     if group is not None and group.usage_bytes is not None:
-        available = min(available, max(group.limit_bytes - group.usage_bytes, 0))
+        available = min(available, group.headroom_bytes)  # page cache in the group's usage is reclaimable
     gpu = gpu_peak = None
     tf = sys.modules.get("tensorflow")
     if tf is not None and tf.config.list_physical_devices("GPU"):

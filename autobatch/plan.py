@@ -5,21 +5,23 @@ Pure functions over plain numbers: no TensorFlow, no reading of system state
 
 The predicted peak of the training process at batch ``b`` on the host is::
 
-    step(b)          the child's measured peak RSS of a real training step
-                     (runtime + model + optimizer + one batch + activations),
+    fixed            the training process's RSS now, measured in it (TensorFlow's
+                     runtime, the model, what it holds); where that process is not
+                     known (the CLI), the probe child's runtime + model stands for it
+  + step(b)          what a real training step added above the child's baseline
+                     (first-step tracing, optimizer state, one batch, activations),
                      fitted as a + s·b and shifted above every measured point
-  + data held        the whole raw dataset (in memory) or the shards being read
+  + data held        the whole raw dataset (unless the process holds it already)
+                     or the shards being read
   + queue(b)         batches waiting in the feed's queue, at worst-case size
   + preprocess(b)    the transient peak of preprocessing the next batch
 
 and on a GPU the fitted device peak of a real step.
 
-The safety margin covers what is predicted rather than measured: ``safety`` ×
-(everything that grows with the batch, plus the parts estimated without a trial
-at that size: shards being read, what this process holds). The runtime, model
-and optimizer (the step line's intercept, measured by every trial) and the raw
-dataset (counted exactly) get none, so a tight budget is not spent on a margin
-for memory that cannot move.
+One margin rule: ``safety`` × what training adds on top of what is held now (the
+step's growth, the queue, preprocessing and the shards being read). The fixed part
+is measured and the dataset, export copy and accumulators are counted exactly, so
+they get none, and a tight budget is not spent on a margin for memory that cannot move.
 """
 
 
@@ -28,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-import types
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -42,8 +43,14 @@ if TYPE_CHECKING:
 
 Strategy = Literal["in_memory", "stream"]
 
-_MEASURED_PARTS = frozenset({"train step", "dataset", "gradient accumulators", "tf.data copy"})
-"""Parts whose fixed bytes are measured, exact or an upper bound: the safety margin covers only their growth."""
+PROCESS_PART = "this process"
+"""The measured RSS of the process that will train (less the dataset, a part of its own)."""
+CHILD_BASELINE_PART = "runtime + model (probe child)"
+"""The probe child's runtime + model, standing for a training process that autobatch does not run (the CLI)."""
+_EXACT_PARTS = frozenset({PROCESS_PART, CHILD_BASELINE_PART, "dataset", "gradient accumulators", "tf.data copy"})
+"""Parts measured or counted exactly, which get no safety margin."""
+FEW_STEPS = 10
+"""A plan leaving fewer optimizer steps per epoch than this says so: that few updates can starve training."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,50 +259,40 @@ Part = tuple[str, float, float]
 """One named part of a peak line: (name, bytes, bytes per sample)."""
 
 
-MarginOn = Literal["growth", "budget"]
-"""What the safety margin is a fraction of: the predicted growth (training runs as the trials did) or the whole budget."""
-
-
-DEFAULT_SAFETY: Mapping[MarginOn, float] = types.MappingProxyType({"growth": 0.1, "budget": 0.1})
-"""The default ``safety`` per :data:`MarginOn`. On the growth, it covers what a long run adds beyond the trials'
-sweep of padded lengths (peaks up to 1.2% above the prediction, ~4% of the growth, over 30-epoch runs) and
-the trials' scatter (±10 MiB at ~1 GiB; BENCHMARKS.md, 4); on the budget, also memory a training loop autobatch
-does not run may hold."""
+DEFAULT_SAFETY = 0.1
+"""The default ``safety``: 10% of what training adds. It covers what a long run adds beyond the trials' sweep of
+padded lengths (peaks up to 1.2% above the prediction, ~4% of the growth, over 30-epoch runs) and the trials'
+scatter (BENCHMARKS.md, 4)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class _Margin:
     safety: float
-    on: MarginOn = "growth"
 
     @classmethod
-    def of(cls, safety: float | None, on: MarginOn) -> _Margin:
-        """The margin ``safety`` × ``on``, validated; ``safety=None`` takes :data:`DEFAULT_SAFETY`."""
-        if on not in DEFAULT_SAFETY:
-            raise ConfigError(f'`margin_on` must be "growth" or "budget". Received: margin_on={on!r}')
-        safety = DEFAULT_SAFETY[on] if safety is None else safety
+    def of(cls, safety: float | None) -> _Margin:
+        """The margin ``safety`` × the growth, validated; ``safety=None`` takes :data:`DEFAULT_SAFETY`."""
+        safety = DEFAULT_SAFETY if safety is None else safety
         if not 0 <= safety < 1:
             raise ConfigError(f"`safety` must be in [0, 1). Received: safety={safety}")
-        return cls(float(safety), on)
+        return cls(float(safety))
 
-    def line(self, parts: Sequence[Part], limit: float) -> tuple[float, float]:
-        """(intercept, slope) of the margin over ``parts``: growth and fixed bytes not measured, or the budget."""
-        if self.on == "budget":
-            return self.safety * limit, 0.0
-        fixed = sum(pa for name, pa, _ in parts if name not in _MEASURED_PARTS)
-        return self.safety * fixed, self.safety * sum(ps for _, _, ps in parts)
+    def line(self, parts: Sequence[Part]) -> tuple[float, float]:
+        """(intercept, slope) of the margin over ``parts``: ``safety`` × every part not measured or counted exactly."""
+        grows = [(pa, ps) for name, pa, ps in parts if name not in _EXACT_PARTS]
+        return self.safety * sum(pa for pa, _ in grows), self.safety * sum(ps for _, ps in grows)
 
 
 def _allowed(limit: float, a: float, s: float, parts: Sequence[Part], margin: _Margin) -> int | None:
     """The largest batch whose predicted peak plus its safety margin fits ``limit`` (``None``: unbounded)."""
-    ma, ms = margin.line(parts, limit)
+    ma, ms = margin.line(parts)
     return _max_batch(a + ma, s + ms, limit)
 
 
 def _budget_use(budget: Budget, a: float, s: float, parts: Sequence[Part], margin: _Margin, batch: int) -> BudgetUse:
     """How ``budget`` is used at ``batch`` by the peak line ``a + s·b`` made of ``parts``."""
     b = max(batch, 1)
-    ma, ms = margin.line(parts, budget.limit_bytes)
+    ma, ms = margin.line(parts)
     kept = int(round(ma + ms * b))
     return BudgetUse(
         budget=budget,
@@ -307,16 +304,30 @@ def _budget_use(budget: Budget, a: float, s: float, parts: Sequence[Part], margi
     )
 
 
+def _fixed_part(result: ProbeResult, process_rss_bytes: int | None) -> Part | None:
+    """What the training process holds before it trains: measured in it, else the probe child's runtime + model."""
+    if process_rss_bytes is not None:
+        # The dataset is a part of its own; in memory, this process holds it already.
+        held = result.raw_bytes if result.source == "in_memory" else 0
+        return PROCESS_PART, float(max(process_rss_bytes - held, 0)), 0.0
+    if result.baseline_rss_bytes is not None:
+        return CHILD_BASELINE_PART, float(result.baseline_rss_bytes), 0.0
+    return None
+
+
 def _host_terms(
     result: ProbeResult,
     strategy: Strategy,
     queue_batches: int,
     read_ahead_shards: int,
-    process_extra_bytes: int,
+    process_rss_bytes: int | None,
     export_bytes: Mapping[str, int] | None = None,
 ) -> tuple[float, float, list[tuple[str, float, float]]]:
     """Intercept, slope and named (intercept, slope) parts of the host peak line."""
     parts: list[tuple[str, float, float]] = []
+    fixed = _fixed_part(result, process_rss_bytes)
+    if fixed is not None:
+        parts.append(fixed)
     fit = result.host_fit
     if fit is not None:
         parts.append(("train step", fit.intercept_bytes, fit.slope_bytes))
@@ -336,8 +347,6 @@ def _host_terms(
         else:
             reading = shard * (1 + read_ahead_shards - (1 if result.trial_holds_shard else 0))
         parts.append(("shards read", reading, 0.0))
-    if process_extra_bytes:
-        parts.append(("this process", float(process_extra_bytes), 0.0))
     copy = (export_bytes or {}).get(strategy, 0)
     if copy:
         parts.append(("tf.data copy", float(copy), 0.0))
@@ -357,31 +366,25 @@ def make_plan(
     queue_batches: int = 2,
     read_ahead_shards: int = 1,
     target_batch_size: int | None = None,
-    process_extra_bytes: int = 0,
+    process_rss_bytes: int | None = None,
     export_bytes: Mapping[str, int] | None = None,
-    margin_on: MarginOn = "growth",
 ) -> Plan:
     """Choose the largest batch size whose predicted peak fits every budget.
 
     Args:
         result: the probe's measurements.
         budgets: the host budget and, on a GPU, the device budget.
-        safety: margin kept free on top of the predicted growth: ``safety`` × (the
-            batch-dependent bytes plus the estimated fixed parts — shards being read,
-            this process's extra), so 0.1 plans 10% more memory for them than
-            predicted. The measured runtime/model/optimizer and the exact dataset
-            bytes get no margin. Default: :data:`DEFAULT_SAFETY` for ``margin_on``
-            (0.1 of the growth, 0.1 of the budget).
-        margin_on: ``"growth"`` (above) when training runs as the trials did
-            (``autobatch.fit``); ``"budget"``: ``safety`` × the whole budget, for a
-            training process autobatch does not run (its own loop may hold more).
+        safety: margin kept free on top of what training adds: ``safety`` × (the step's
+            growth above the runtime, the queue, preprocessing, the shards being read),
+            so 0.1 plans 10% more memory for them than predicted. The measured fixed
+            part and the exact dataset bytes get no margin. Default: :data:`DEFAULT_SAFETY`.
         max_batch_size: never plan a larger batch.
         multiple_of: round the batch size down to a multiple of this.
         queue_batches: batches the feed may hold waiting (queue depth × workers).
         read_ahead_shards: shard files read ahead of the current one when streaming.
-        process_extra_bytes: memory the training process holds beyond what the trials'
-            child held and beyond the dataset (measured by :func:`autobatch.plan` when
-            training runs in the calling process).
+        process_rss_bytes: the resident memory of the process that will train, measured in
+            it before training (:func:`autobatch.plan` in the calling process): the fixed part.
+            ``None``: the probe child's runtime + model stands for it (the CLI).
         export_bytes: per strategy (``"in_memory"``, ``"stream"``), what the feed's tf.data export
             holds besides the data: a :class:`~autobatch.PadColumns` feed's copy of the padded
             values (see :func:`autobatch.plan`).
@@ -396,7 +399,7 @@ def make_plan(
         ConfigError: an option is out of range.
         BudgetError: even one sample does not fit a budget.
     """
-    margin = _Margin.of(safety, margin_on)
+    margin = _Margin.of(safety)
     safety = margin.safety
     if max_batch_size is not None and max_batch_size < 1:
         raise ConfigError(f"`max_batch_size` must be >= 1. Received: max_batch_size={max_batch_size}")
@@ -404,8 +407,8 @@ def make_plan(
         raise ConfigError(f"`multiple_of` must be >= 1. Received: multiple_of={multiple_of}")
     if target_batch_size is not None and target_batch_size < 1:
         raise ConfigError(f"`target_batch_size` must be >= 1. Received: target_batch_size={target_batch_size}")
-    if process_extra_bytes < 0:
-        raise ConfigError(f"`process_extra_bytes` must be >= 0. Received: {process_extra_bytes}")
+    if process_rss_bytes is not None and process_rss_bytes < 0:
+        raise ConfigError(f"`process_rss_bytes` must be >= 0. Received: {process_rss_bytes}")
     if export_bytes is not None and any(v < 0 for v in export_bytes.values()):
         raise ConfigError(f"`export_bytes` must be >= 0 per strategy. Received: {dict(export_bytes)}")
     if queue_batches < 0:
@@ -419,7 +422,7 @@ def make_plan(
             usable = float(budget.limit_bytes)
             if budget.kind == "host":
                 a, s, parts = _host_terms(
-                    result, strategy, queue_batches, read_ahead_shards, process_extra_bytes, export_bytes
+                    result, strategy, queue_batches, read_ahead_shards, process_rss_bytes, export_bytes
                 )
             else:
                 fit = result.gpu_fit
@@ -504,8 +507,8 @@ def make_plan(
         explanation = (
             f"batch {batch:,} is limited by {binding.budget.kind} memory: predicted "
             f"{format_bytes(binding.predicted_peak_bytes)} of {format_bytes(binding.budget.limit_bytes)} "
-            f"({binding.budget.source}), keeping a {safety:.0%} margin on the "
-            f"{'predicted growth' if margin_on == 'growth' else 'whole budget'} ({format_bytes(binding.margin_bytes)})"
+            f"({binding.budget.source}), keeping a {safety:.0%} margin on what training adds "
+            f"({format_bytes(binding.margin_bytes)})"
         )
     else:
         host = uses[0] if uses else None
@@ -518,6 +521,17 @@ def make_plan(
     if not result.has_model:
         explanation += "; no model was probed, so the training step's memory is not included (pass a model)"
     explanation += f". Strategy {strategy}: {strategy_reason}."
+    if result.has_model and process_rss_bytes is None and result.baseline_rss_bytes is not None:
+        explanation += (
+            f" The fixed part is the probe child's runtime + model ({format_bytes(result.baseline_rss_bytes)}), "
+            "standing for the process that will train; autobatch.fit measures that process itself."
+        )
+    updates = math.ceil(result.n_samples / max(batch * accumulation_steps, 1))
+    if updates < FEW_STEPS and result.n_samples >= FEW_STEPS:
+        explanation += (
+            f" Only {updates} optimizer step(s) per epoch: that few updates can starve training. Pass "
+            "max_batch_size= for more, smaller steps, or target_batch_size= to choose the batch the optimizer sees."
+        )
 
     # Memory grows with batch size, so a fitting trial at this size or above confirms the plan.
     host = next((u for u in uses if u.budget.kind == "host"), None)
@@ -529,7 +543,7 @@ def make_plan(
             if trial.batch_size < batch or not trial.fits or trial.peak_rss_bytes is None:
                 continue
             extras = sum(pa + ps * trial.batch_size for name, pa, ps in parts if name != "train step")
-            total = int(trial.peak_rss_bytes + extras)
+            total = int(trial.peak_rss_bytes - (result.baseline_rss_bytes or 0) + extras)
             if total <= host.usable_bytes:
                 measured, confirmed, confirmed_batch = total, True, trial.batch_size
                 break
@@ -850,8 +864,7 @@ def make_bucket_plan(
     max_batch_size: int | None = None,
     queue_batches: int = 2,
     read_ahead_shards: int = 1,
-    process_extra_bytes: int = 0,
-    margin_on: MarginOn = "growth",
+    process_rss_bytes: int | None = None,
 ) -> BucketPlan:
     """Choose, per length bucket, the largest batch whose predicted peak fits every budget.
 
@@ -866,11 +879,11 @@ def make_bucket_plan(
         sized: the :class:`~autobatch.size_probe.SizeAwareProbe`.
         budgets: the host budget and, on a GPU, the device budget.
         buckets: how many length buckets to choose from the distribution, or their boundaries.
-        safety: safety margin (default by ``margin_on``), as in :func:`make_plan`.
+        safety: safety margin on what training adds (default :data:`DEFAULT_SAFETY`), as in :func:`make_plan`.
         max_batch_size: never plan a larger batch in any bucket.
         queue_batches: batches the feed may hold waiting.
         read_ahead_shards: shard files read ahead when streaming.
-        process_extra_bytes: memory the training process holds beyond the probe child's.
+        process_rss_bytes: the training process's measured RSS (the fixed part), as in :func:`make_plan`.
 
     Returns:
         The :class:`BucketPlan`.
@@ -879,7 +892,7 @@ def make_bucket_plan(
         ConfigError: an option is out of range.
         BudgetError: one sample of the longest bucket does not fit a budget.
     """
-    margin = _Margin.of(safety, margin_on)
+    margin = _Margin.of(safety)
     safety = margin.safety
     if max_batch_size is not None and max_batch_size < 1:
         raise ConfigError(f"`max_batch_size` must be >= 1. Received: max_batch_size={max_batch_size}")
@@ -897,9 +910,12 @@ def make_bucket_plan(
     boundaries = bucket_boundaries(np.repeat(values, counts), buckets)
     waiting = max(queue_batches - result.trial_prefetch_batches, 0)
 
+    # The grid's fitted peaks are the child's whole RSS: above its baseline they are the step's growth.
+    baseline = float(result.baseline_rss_bytes or 0)
+
     def host_constant(strategy: Strategy) -> tuple[float, list[tuple[str, float]]]:
-        _, _, parts = _host_terms(result, strategy, queue_batches, read_ahead_shards, process_extra_bytes)
-        held = [(name, a) for name, a, _ in parts if name in ("dataset", "shards read", "this process")]
+        _, _, parts = _host_terms(result, strategy, queue_batches, read_ahead_shards, process_rss_bytes)
+        held = [(name, a) for name, a, _ in parts if name not in ("train step", "one batch", "queue", "preprocess")]
         return sum(a for _, a in held), held
 
     Line = tuple[Budget, float, float, float, list[tuple[str, float, float]]]
@@ -913,7 +929,7 @@ def make_bucket_plan(
                 model = sized.host_model
                 constant, held = host_constant(strategy)
                 per_batch_bytes = sized.bytes_per_sample + sized.bytes_per_token * length
-                parts = [("train step", model.intercept_bytes, model.per_sample_bytes(length))]
+                parts = [("train step", model.intercept_bytes - baseline, model.per_sample_bytes(length))]
                 parts += [(name, a, 0.0) for name, a in held]
                 parts.append(("queue", 0.0, waiting * per_batch_bytes))
                 parts.append(("preprocess", 0.0, sized.preprocess_peak_per_token * length))
@@ -1014,7 +1030,7 @@ def make_bucket_plan(
             if trial.held_out or not trial.fits or trial.peak_rss_bytes is None:
                 continue
             if (trial.batch_size, trial.length) == (demanding.batch_size, demanding.hi):
-                total = int(trial.peak_rss_bytes + extras)
+                total = int(trial.peak_rss_bytes - baseline + extras)
                 if total <= host.usable_bytes:
                     measured, confirmed = total, True
     return BucketPlan(

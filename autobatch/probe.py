@@ -48,11 +48,13 @@ from autobatch._data import (
     InMemoryData,
     ShardSource,
     as_in_memory,
+    largest_file,
     sample_in_memory,
     sample_shards,
+    shards_fingerprint,
 )
 from autobatch._loading import callable_fingerprint, is_callable_spec, resolve_callable, spec_fingerprint
-from autobatch._memory import gpu_memory_totals, rss_bytes
+from autobatch._memory import child_rss_limit_bytes, gpu_memory_totals, rss_bytes
 from autobatch._trial import REPLY_PREFIX, pack_batch
 from autobatch._units import format_bytes
 from autobatch.errors import ConfigError, DataError, ModelError, PreprocessError, ProbeError
@@ -64,7 +66,7 @@ DEFAULT_TRIAL_BATCH_SIZES = (8, 32, 128)
 DEFAULT_SWEEP_STEPS = 48
 """Steps at shorter padded lengths before each trial's worst-case steps (see :func:`sweep_lengths`)."""
 # Part of every cache key: bump it whenever what or how the probe measures changes.
-MEASUREMENT_VERSION = 5
+MEASUREMENT_VERSION = 6
 
 
 # --------------------------------------------------------------------------- results
@@ -131,7 +133,7 @@ class ProbeResult:
     model_name: str | None = None
     model_params: int | None = None
     baseline_rss_bytes: int | None = None
-    """Child RSS after loading TensorFlow and the model, before any step."""
+    """Child RSS after loading TensorFlow and the model, before any step or shard: the trials' growth is above it."""
     trials: tuple[StepTrial, ...] = ()
     trial_prefetch_batches: int = 0
     """Batches the trials' ``tf.data`` pipeline prefetched: that much queue is inside the measured peaks."""
@@ -149,12 +151,12 @@ class ProbeResult:
     def has_model(self) -> bool:
         return bool(self.trials)
 
-    def _fit(self, attr: str) -> LinearFit | None:
+    def _fit(self, attr: str, above: float = 0.0) -> LinearFit | None:
         points = [(t.batch_size, getattr(t, attr)) for t in self.trials if getattr(t, attr) is not None]
         if not points:
             return None
         b = np.array([p[0] for p in points], dtype=float)
-        peak = np.array([p[1] for p in points], dtype=float)
+        peak = np.array([p[1] for p in points], dtype=float) - above
         # One batch is at least resident during its step, so the slope is never below it.
         floor = self.worst_preprocessed_bytes_per_sample
         slope = floor
@@ -166,8 +168,12 @@ class ProbeResult:
 
     @property
     def host_fit(self) -> LinearFit | None:
-        """Fitted process peak (bytes) of one training step vs batch size, host RAM."""
-        return self._fit("peak_rss_bytes")
+        """Fitted growth (bytes) of the child's RSS above its baseline in one training step vs batch size, host RAM.
+
+        The baseline (TensorFlow's runtime and the model) is the process's own: the training process measures
+        its own, so only what each step adds above it comes from the trials.
+        """
+        return self._fit("peak_rss_bytes", float(self.baseline_rss_bytes or 0))
 
     @property
     def gpu_fit(self) -> LinearFit | None:
@@ -233,18 +239,20 @@ class ProbeResult:
         table.add_row(
             "preprocess transient peak / sample", format_bytes(self.preprocess_peak_bytes_per_sample), "tracemalloc"
         )
+        base = self.baseline_rss_bytes or 0
         if self.baseline_rss_bytes is not None:
             table.add_row("runtime + model (child RSS)", format_bytes(self.baseline_rss_bytes), self.device)
         for trial in self.trials:
-            value = format_bytes(trial.peak_rss_bytes) if trial.fits else "does not fit"
-            how = f"VmHWM, {trial.seconds_per_step * 1000:.0f} ms/step" if trial.seconds_per_step else trial.note
+            grew = f"+{format_bytes(trial.peak_rss_bytes - base)}" if trial.peak_rss_bytes is not None else ""
+            value = grew if trial.fits else "does not fit"
+            how = f"VmHWM − baseline, {trial.seconds_per_step * 1000:.0f} ms/step" if trial.seconds_per_step else trial.note
             if trial.gpu_peak_bytes is not None:
                 value += f" / GPU {format_bytes(trial.gpu_peak_bytes)}"
             table.add_row(f"train step, batch {trial.batch_size}", value, how)
         fit = self.host_fit
         if fit is not None:
             table.add_row(
-                "fit: step peak",
+                "fit: step growth",
                 f"{format_bytes(fit.intercept_bytes)} + {format_bytes(fit.slope_bytes)}·batch",
                 "least squares, shifted above all points",
             )
@@ -428,12 +436,17 @@ def _merge_signatures(a: tuple[TensorSpec, ...], b: tuple[TensorSpec, ...]) -> t
 
 
 class _Child:
-    """A running ``autobatch._trial`` process and the lines it answers with."""
+    """A running ``autobatch._trial`` process and the lines it answers with.
+
+    It starts loading TensorFlow and the model at once; :attr:`info` waits for that, so the caller can sample
+    and preprocess the data meanwhile.
+    """
 
     def __init__(
         self, model_ref: dict[str, Any], *, timeout_s: float, workdir: Path, shard: Path | None = None
     ) -> None:
         self._timeout_s = timeout_s
+        self._model_kind = model_ref["kind"]
         self._stderr_path = workdir / "child-stderr.log"
         self._stderr = open(self._stderr_path, "w+b")
         env = dict(os.environ)
@@ -450,26 +463,40 @@ class _Child:
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
-        load = {"cmd": "load", "model": model_ref, "shard": str(shard) if shard is not None else None}
-        self.info = self.request(load, rss_limit_bytes=None)
-        if self.info.get("timeout"):
+        self._info: dict[str, Any] | None = None
+        self._loading = self._send({"cmd": "load", "model": model_ref, "shard": str(shard) if shard else None})
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The child's answer to loading the model (waits for it).
+
+        Raises:
+            ProbeError: the child exited or hung while loading.
+            ModelError: the model could not be loaded there.
+        """
+        if self._info is not None:
+            return self._info
+        info = self._loading or self._wait(rss_limit_bytes=None)
+        if info.get("timeout"):
             self.close()
             raise ProbeError(
-                f"loading the model in the probe's child process took longer than {timeout_s:.0f} s and was killed. "
-                "Check that the model function returns promptly, or raise `timeout_s`."
+                f"loading the model in the probe's child process took longer than {self._timeout_s:.0f} s and was "
+                "killed. Check that the model function returns promptly, or raise `timeout_s`."
             )
-        if self.info.get("died"):
+        if info.get("died"):
             tail = self.stderr_tail()
             self.close()
             raise ProbeError(f"the probe's child process exited while loading the model. Its last output:\n{tail}")
-        if not self.info.get("ok"):
+        if not info.get("ok"):
             self.close()
             hint = (
                 " If the model uses custom layers, pass it as 'module:function' that builds and compiles it."
-                if model_ref["kind"] == "file"
+                if self._model_kind == "file"
                 else ""
             )
-            raise ModelError(f"cannot load the model in the probe's child process: {self.info.get('error')}.{hint}")
+            raise ModelError(f"cannot load the model in the probe's child process: {info.get('error')}.{hint}")
+        self._info = info
+        return info
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -483,14 +510,26 @@ class _Child:
         text = self._stderr_path.read_bytes().decode(errors="replace")
         return text[-chars:].strip()
 
-    def request(self, message: dict[str, Any], *, rss_limit_bytes: int | None) -> dict[str, Any]:
-        """Send one command and wait for its answer, killing the child past the RSS limit or timeout."""
+    def _send(self, message: dict[str, Any]) -> dict[str, Any] | None:
+        """Write one command; the answer that stands for it when the child is gone, else ``None``."""
         assert self.proc.stdin is not None
         try:
             self.proc.stdin.write(json.dumps(message) + "\n")
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError):
             return {"ok": False, "died": True, "error": "the child process is gone"}
+        return None
+
+    def request(self, message: dict[str, Any], *, rss_limit_bytes: int | None) -> dict[str, Any]:
+        """Send one command and wait for its answer, killing the child past the RSS limit or timeout.
+
+        Whatever ``rss_limit_bytes`` says, the child is also stopped before it and this process together would
+        pass what the machine or the cgroup they share can give (:func:`autobatch._memory.child_rss_limit_bytes`).
+        """
+        self.info  # noqa: B018 (the model is loaded before any other command)
+        return self._send(message) or self._wait(rss_limit_bytes=rss_limit_bytes, guard=True)
+
+    def _wait(self, *, rss_limit_bytes: int | None, guard: bool = False) -> dict[str, Any]:
         deadline = time.monotonic() + self._timeout_s
         peak_seen = 0
         while True:
@@ -503,12 +542,15 @@ class _Child:
                 return {"ok": False, "died": True, "returncode": code, "peak_seen": peak_seen}
             if line:
                 return json.loads(line)
-            if rss_limit_bytes is not None:
-                current = rss_bytes(self.proc.pid) if self.proc.poll() is None else 0
+            if guard and self.proc.poll() is None:
+                current = rss_bytes(self.proc.pid)
                 peak_seen = max(peak_seen, current)
-                if current > rss_limit_bytes:
+                ceiling = child_rss_limit_bytes(current)
+                limit = ceiling if rss_limit_bytes is None else min(rss_limit_bytes, ceiling)
+                if current > limit:
                     self.kill()
-                    return {"ok": False, "over_limit": True, "peak_seen": peak_seen}
+                    return {"ok": False, "over_limit": True, "peak_seen": peak_seen, "limit": limit,
+                            "ceiling": limit == ceiling}
             if time.monotonic() > deadline:
                 self.kill()
                 return {"ok": False, "timeout": True}
@@ -710,6 +752,7 @@ class Prober:
         self._child: _Child | None = None
         self._sample: DataSample | None = None
         self._model_ref: dict[str, Any] | None = None
+        self._model_fp = "none"
         self._key: str | None = None
         self._shapes: dict[str, list[tuple[int, ...]]] | None = None
 
@@ -747,16 +790,20 @@ class Prober:
         return self._preprocess
 
     def cache_key(self) -> str:
-        """Fingerprint of data, preprocess, model architecture, device and probe settings."""
+        """Fingerprint of data, preprocess, model architecture, device and probe settings.
+
+        Shards are fingerprinted by their files' names, sizes, times and columns, without reading their rows,
+        so a cache hit answers without sampling them.
+        """
         if self._key is None:
-            model_fp = "none"
-            if self._model is not None:
-                self._model_ref, model_fp = _model_ref(self._model, self._workdir)
+            if self._model is not None and self._model_ref is None:
+                self._model_ref, self._model_fp = _model_ref(self._model, self._workdir)
+            data = shards_fingerprint(self._data) if isinstance(self._data, ShardSource) else self.sample().signature
             parts = [
                 MEASUREMENT_VERSION,
-                self.sample().signature,
+                data,
                 callable_fingerprint(self._preprocess),
-                model_fp,
+                self._model_fp,
                 _device_key(),
                 self._sample_batch_size,
                 self._trial_batch_sizes,
@@ -769,15 +816,15 @@ class Prober:
         return self._key
 
     def _child_process(self) -> _Child:
+        """The child, started if needed (it loads the model while this process goes on; ``info`` waits for it)."""
         if self._child is None or self._child.proc.poll() is not None:
             if self._child is not None:
                 self._child.close()  # a child that died or was stopped: release its pipes
                 self._child = None
-            self.cache_key()
-            assert self._model_ref is not None
-            self._child = _Child(
-                self._model_ref, timeout_s=self._timeout_s, workdir=self._workdir, shard=self.sample().largest_shard
-            )
+            if self._model_ref is None:
+                self._model_ref, self._model_fp = _model_ref(self._model, self._workdir)
+            shard = largest_file(self._data.files) if isinstance(self._data, ShardSource) else None
+            self._child = _Child(self._model_ref, timeout_s=self._timeout_s, workdir=self._workdir, shard=shard)
         return self._child
 
     def worst_batch(self, batch_size: int) -> _Preprocessed:
@@ -874,7 +921,9 @@ class Prober:
             }
         if reply.get("over_limit"):
             # What it reached before being stopped is a lower bound on its peak: keep it for the fit.
-            note = f"stopped: child RSS passed the limit of {format_bytes(rss_limit_bytes)}"
+            note = f"stopped: child RSS passed the limit of {format_bytes(reply.get('limit'))}" + (
+                " (what the machine or cgroup can give this process and the child together)" if reply.get("ceiling") else ""
+            )
             return {"peak_rss_bytes": reply.get("peak_seen") or None, "fits": False, "note": note}
         if reply.get("oom"):
             return {"peak_rss_bytes": None, "fits": False, "note": f"out of memory: {_oom_summary(str(reply.get('error')))}"}
@@ -897,6 +946,8 @@ class Prober:
     def measure(self) -> ProbeResult:
         """Measure data, preprocessing and (with a model) training-step memory."""
         start = time.perf_counter()
+        if self._model is not None:
+            self._child_process()  # TensorFlow loads in the child while the data is sampled here
         sample = self.sample()
         random = run_preprocess(self._preprocess, sample.random, where=f"a random batch of {sample.random.n_samples}")
         worst = run_preprocess(
@@ -947,9 +998,21 @@ class Prober:
             cache_key=self.cache_key(),
         )
 
-    def confirm(self, result: ProbeResult, batch_size: int, *, rss_limit_bytes: int | None) -> ProbeResult:
-        """Run one more real trial at ``batch_size`` and return the result including it."""
+    def confirm(
+        self, result: ProbeResult, batch_size: int, *, rss_limit_bytes: int | None, fresh: bool = False
+    ) -> ProbeResult:
+        """Run one more real trial at ``batch_size`` and return the result including it.
+
+        ``fresh``: in a new child that first replays the probe's trials, so the trial starts from the state
+        the probe's own trials left, not from what a larger trial left.
+        """
         start = time.perf_counter()
+        if fresh:
+            if self._child is not None:
+                self._child.close()
+                self._child = None
+            for replayed in sorted({min(b, max(result.n_samples, 1)) for b in self._trial_batch_sizes}):
+                self.run_trial(replayed)
         trial = self.run_trial(batch_size, rss_limit_bytes=rss_limit_bytes)
         updated = result.with_trial(trial)
         return dataclasses.replace(updated, wall_seconds=result.wall_seconds + time.perf_counter() - start)

@@ -117,7 +117,7 @@ class Context:
         }
 
     def fit_run(
-        self, size: str, *, safety: float = DEFAULT_SAFETY["growth"], force_batch_size: int | None = None
+        self, size: str, *, safety: float = DEFAULT_SAFETY, force_batch_size: int | None = None
     ) -> dict[str, Any]:
         """``autobatch.fit`` in a fresh process (see ``child.fit_job``)."""
         job = self._fit_job(size, safety, force_batch_size)
@@ -128,7 +128,7 @@ class Context:
         what = f"autobatch.fit in a child process ({size}, {self.rows(size)} rows, safety {safety:g})"
         return self._start(f"planned {size} {safety}", job, what)
 
-    def planned(self, size: str, *, safety: float = DEFAULT_SAFETY["growth"]) -> dict[str, Any]:
+    def planned(self, size: str, *, safety: float = DEFAULT_SAFETY) -> dict[str, Any]:
         """The planned run of ``size``: the first one probes with an empty cache (what the probe costs)."""
         return self._planned_future(size, safety).result()
 
@@ -593,7 +593,7 @@ def planning(ctx: Context) -> list[Row]:
     rows = []
     for safety, planned in plans.items():
         batch = planned["batch_size"]
-        label = f"safety {safety:g}" + (" (the default)" if safety == DEFAULT_SAFETY["growth"] else "")
+        label = f"safety {safety:g}" + (" (the default)" if safety == DEFAULT_SAFETY else "")
         rows.append(
             Row(
                 "planning",

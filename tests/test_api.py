@@ -33,7 +33,7 @@ class FakeProber:
         self.oom_above = oom_above
         self.tried: list[int] = []
 
-    def confirm(self, result, batch_size, *, rss_limit_bytes):
+    def confirm(self, result, batch_size, *, rss_limit_bytes, fresh=False):
         self.tried.append(batch_size)
         if self.oom_above is not None and batch_size > self.oom_above:
             return result.with_trial(StepTrial(batch_size, None, fits=False, note="out of memory"))
@@ -61,13 +61,16 @@ def test_far_extrapolation_is_confirmed_and_stepped_down():
     true_max = max(b for b in range(1, 5000) if with_margin(b) <= 3000 * MiB)
     # The linear fit from small batches overshoots; each trial pulls the plan down until one fits.
     assert prober.tried[0] > true_max
-    # Trials bisect between what fitted and what did not: every failure above every fit.
-    outcomes = {t.batch_size: t.fits for t in final.trials[3:]}
-    assert max(b for b, fits in outcomes.items() if fits) < min(b for b, fits in outcomes.items() if not fits), outcomes
-    assert plan.batch_size == max(b for b, fits in outcomes.items() if fits)
+    # The first is stopped at twice what the plan allows; the next ones step between what fitted and what did not.
+    assert not final.trials[3].fits and all(t.fits for t in final.trials[4:])
+    over = [b for b in prober.tried[1:] if quadratic(b) + b * 1024 > 3000 * MiB]
+    fitting = [b for b in prober.tried[1:] if b not in over]
+    assert fitting and max(fitting) < min(over, default=math.inf), prober.tried
+    # A real trial at or above the plan fitted its budget.
+    assert plan.confirmed and plan.batch_size <= plan.confirmed_batch_size == max(fitting)
     # Never past what really fits; the margin is on the fitted growth, so it may sit a little above `true_max`.
-    assert plan.confirmed and quadratic(plan.batch_size) + plan.batch_size * 1024 <= 3000 * MiB
-    assert 0.8 * true_max <= plan.batch_size <= 1.1 * true_max
+    assert quadratic(plan.batch_size) + plan.batch_size * 1024 <= 3000 * MiB
+    assert 0.9 * true_max <= plan.batch_size <= 1.1 * true_max
     assert quadratic(plan.batch_size) + plan.budget("host").margin_bytes <= 3000 * MiB
     assert len(final.trials) == 3 + len(prober.tried)
 
@@ -212,7 +215,7 @@ def test_fit_with_pad_columns_pads_in_tensorflow_and_budgets_the_copy_it_holds(m
     copy = pad.export_bytes(x, y)
     assert copy > 600 * 4, "the export holds the padded columns' values and the targets"
     host = dict(history.autobatch_plan.budget("host").components)
-    assert host["tf.data copy"] == copy and "this process" not in host, host
+    assert host["tf.data copy"] == copy and host["this process"] == 0, host  # the copy is a part of its own
 
 
 def test_fit_with_pad_columns_on_shards_budgets_the_copy_of_the_strategy_it_plans(tmp_path):
@@ -271,8 +274,8 @@ def test_fit_keeps_one_iterator_for_the_whole_fit():
         model, frame.drop(columns=["label"]), frame["label"], preprocess=canonical.preprocess, epochs=3,
         ram_limit="4GiB", max_batch_size=48, validation_split=0.25, cache=False,
     )
-    # A repeating pass (infinite, steps_per_epoch=len(feed)): Keras keeps its iterator across the epochs.
-    assert calls == [(-1, math.ceil(300 / 48))]
+    # One repeating pass of the 3 epochs (steps_per_epoch=len(feed)): Keras keeps its iterator across them.
+    assert calls == [(3 * math.ceil(300 / 48), math.ceil(300 / 48))]
     assert len(history.history["loss"]) == 3 and "val_loss" in history.history
     assert history.autobatch_summary.samples == 3 * 300, "every training row once an epoch, the last batch short"
 
@@ -296,6 +299,63 @@ def test_fit_repeats_its_pass_unless_batches_vary_or_validation_reads_shards(tmp
     assert not _repeats(rows, None, memory, adaptive=True)
     sized = SizeAwareFeed(frame, "label", boundaries=[64], batch_sizes=[16], preprocess=canonical.preprocess)
     assert not _repeats(sized, None, memory, adaptive=False)
+
+
+def _streamed(monkeypatch):
+    """Have autobatch.fit stream the shards (the plan would hold this little data in memory)."""
+    import autobatch.api
+
+    planned = autobatch.api.plan
+    monkeypatch.setattr(
+        autobatch.api, "plan", lambda *args, **kwargs: dataclasses.replace(planned(*args, **kwargs), strategy="stream")
+    )
+
+
+@pytest.mark.parametrize(
+    ("source", "max_batch_size", "epochs", "initial_epoch"),
+    [("memory", 160, 2, 0), ("memory", 48, 3, 1), ("csv", 160, 2, 0), ("csv", 48, 2, 0)],
+    ids=["memory-one-step-an-epoch", "memory-several-steps-resumed", "csv-one-step-an-epoch", "csv-several-steps"],
+)
+def test_fit_prepares_exactly_the_epochs_that_train(tmp_path, monkeypatch, source, max_batch_size, epochs, initial_epoch):
+    from collections import Counter
+
+    from autobatch.feeds import ShardFeed
+
+    n = 160
+    frame = _learnable(n, seed=9).assign(id=range(n))
+    seen, recording = [], [False]
+    reads = []  # (epoch, file) of every shard read while training
+    read = ShardFeed._load
+
+    def counted(self, file_index, epoch):
+        if recording[0]:
+            reads.append((epoch, self.shards[file_index].path.name))
+        return read(self, file_index, epoch)
+
+    monkeypatch.setattr(ShardFeed, "_load", counted)
+    if source == "memory":
+        data, target, options = frame.drop(columns=["label"]), frame["label"], {"validation_split": 0.25}
+    else:
+        canonical.write_shards(frame, tmp_path, shards=4)
+        _streamed(monkeypatch)
+        data, target, options = str(tmp_path / "csv"), "label", {}
+    steps = _epoch_steps_callback(recording)
+    history = autobatch.fit(
+        canonical.build_model(), data, target, preprocess=_recording(canonical.preprocess, seen, recording),
+        epochs=epochs, initial_epoch=initial_epoch, ram_limit="4GiB", max_batch_size=max_batch_size,
+        callbacks=[steps], monitor=False, cache=False, **options,
+    )
+    plan, trained = history.autobatch_plan, epochs - initial_epoch
+    assert plan.strategy == ("stream" if source == "csv" else "in_memory") and plan.batch_size == max_batch_size
+    n_train = n - 40 if source == "memory" else n  # validation holds out 25%
+    assert steps.per_epoch == [math.ceil(n_train / max_batch_size)] * trained
+    # preprocess ran once per sample in each epoch that trained (training rows) and in each validation pass
+    # (held-out rows), and never for an epoch past the last.
+    times = Counter(seen)
+    assert sorted(times) == list(range(n)) and set(times.values()) == {trained}, Counter(times.values())
+    if source == "csv":
+        files = sorted(path.name for path in (tmp_path / "csv").iterdir())
+        assert sorted(reads) == sorted((e, f) for e in range(initial_epoch, epochs) for f in files), reads
 
 
 def test_fit_keeps_the_effective_batch_by_gradient_accumulation():
@@ -396,6 +456,120 @@ def test_fit_raises_the_feeds_error_naming_the_row_not_tensorflows_wrapper():
     assert "column 'in1'" in message and "holds 'abc', which is not a float32 number" in message, message
     assert f"row {x.index.get_loc(bad)} of the data (index label {bad!r})" in message, message
     assert "tensorflow" in type(excinfo.value.__context__).__module__, "TensorFlow's own error is kept as context"
+
+
+def _refuse_to_plan(monkeypatch):
+    """autobatch.fit must stop before it probes: planning fails the test."""
+    import autobatch.api
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("autobatch.fit probed although it should have refused the call first")
+
+    monkeypatch.setattr(autobatch.api, "plan", refuse)
+    monkeypatch.setattr(autobatch.api, "plan_size_aware", refuse)
+
+
+@pytest.mark.parametrize(
+    ("keywords", "expected"),
+    [
+        (
+            {"target": "label"},
+            [
+                "unknown keyword argument(s) `target`: autobatch.fit passes the keywords it does not take itself to "
+                "Functional.fit, which does not take it either.",
+                "`target`: did you mean y='label'? y is the target column name (or names) of the data",
+                "Received: target='label'",
+            ],
+        ),
+        ({"labels": ["label"]}, ["`labels`: did you mean y=['label']?"]),
+        ({"targets": [0.0, 1.0]}, ["`targets`: did you mean y=? y is the target column name", "targets themselves"]),
+        ({"batch": 32}, ["`batch`: did you mean max_batch_size= (never train on larger batches) or target_batch_size="]),
+        ({"max_batchsize": 64}, ["`max_batchsize`: did you mean max_batch_size=?"]),
+        ({"validaton_freq": 2}, ["`validaton_freq`: did you mean validation_freq=?"]),
+        ({"memory_limit": "4GiB"}, ["`memory_limit`: did you mean ram_limit= (e.g. ram_limit='8GiB')?"]),
+        (
+            {"epoch": 3, "class_weights": {0: 1.0}, "initial_epoch": 0},
+            ["argument(s) `epoch`, `class_weights`:", "which does not take them either", "`epoch`: did you mean epochs=",
+             "`class_weights`: did you mean class_weight=", "Received: epoch=3, class_weights={0: 1.0}"],
+        ),
+        ({"zzz": 1}, ["`zzz`: no close match; see help(autobatch.fit) and help(model.fit)."]),
+    ],
+    ids=["target", "labels", "targets", "batch", "typo-own", "typo-model-fit", "memory", "several", "no-match"],
+)
+def test_fit_names_an_unknown_keyword_and_the_one_meant_before_probing(tmp_path, monkeypatch, keywords, expected):
+    canonical.write_shards(_learnable(40, seed=10), tmp_path, shards=2)
+    model = canonical.build_model()
+    _refuse_to_plan(monkeypatch)
+    with pytest.raises(autobatch.ConfigError) as excinfo:
+        autobatch.fit(
+            model, str(tmp_path / "csv"), preprocess=canonical.preprocess, monitor=False, cache=False, **keywords
+        )
+    message = str(excinfo.value)
+    for part in expected:
+        assert part in message, message
+    assert "initial_epoch" not in message, "model.fit takes it"
+    assert model.optimizer.iterations.numpy() == 0
+
+
+def test_fit_checks_keywords_against_what_an_overridden_model_fit_takes():
+    import keras
+
+    from autobatch.api import _model_fit_parameters
+
+    class Forwarding(keras.Model):
+        def fit(self, *args, patience=3, **kwargs):  # passes the rest on to keras.Model.fit
+            return super().fit(*args, **kwargs)
+
+    class Closed(keras.Model):
+        def fit(self, x, y=None, *, epochs=1):
+            return None
+
+    model = canonical.build_model()
+    keras_names = _model_fit_parameters(model)
+    assert {"x", "y", "class_weight", "initial_epoch", "validation_freq"} <= keras_names and "self" not in keras_names
+    assert _model_fit_parameters(Forwarding()) == keras_names | {"patience"}
+    assert _model_fit_parameters(Closed()) == {"x", "y", "epochs"}
+    model.fit = lambda data, **kwargs: None  # a wrapper, as tests and tools install: judged by keras.Model.fit
+    assert _model_fit_parameters(model) == keras_names | {"data"}
+
+
+def test_fit_without_targets_names_the_columns_to_choose_from_before_probing(tmp_path, monkeypatch):
+    import numpy as np
+
+    frame = _learnable(40, seed=11)
+    canonical.write_shards(frame, tmp_path, shards=2)
+    _refuse_to_plan(monkeypatch)
+    for data in (frame, str(tmp_path / "csv"), str(tmp_path / "parquet" / "0.parquet")):
+        with pytest.raises(autobatch.ConfigError) as excinfo:
+            autobatch.fit(canonical.build_model(), data, monitor=False, cache=False)
+        message = str(excinfo.value)
+        assert message.startswith(
+            "no targets: pass y= the target column name (one of: ['in1', 'in2', 'label']) or the targets themselves"
+        ), message
+        assert "'two_sequence_classifier' is compiled with a loss" in message and message.endswith("Received: y=None")
+    with pytest.raises(autobatch.ConfigError) as excinfo:
+        autobatch.fit(canonical.build_model(), np.zeros((8, 3), "float32"), monitor=False, cache=False)
+    assert str(excinfo.value).startswith("no targets: pass y= the targets (an array with one row per sample")
+
+
+def test_fit_takes_no_targets_where_preprocess_or_the_model_needs_none(tmp_path):
+    import keras
+
+    from autobatch._data import ShardSource
+    from autobatch.api import _check_targets
+
+    frame = _learnable(40, seed=12)
+    canonical.write_shards(frame, tmp_path, shards=2)
+    with_loss = canonical.build_model()
+    without_loss = keras.Model.from_config(with_loss.get_config())
+    without_loss.compile(optimizer="adam")  # e.g. a model that adds its own losses (add_loss)
+    shards = str(tmp_path / "csv")
+    assert _check_targets(with_loss, frame, None, canonical.preprocess) is None, "preprocess may build the targets"
+    assert _check_targets(with_loss, shards, None, canonical.preprocess) is None
+    assert _check_targets(without_loss, frame, None, None) is None
+    assert _check_targets(with_loss, ShardSource.from_spec(shards, "label"), None, None) is None
+    assert _check_targets(with_loss, f"{canonical.__file__}:load", None, None) is None, "the function gives y"
+    assert _check_targets(with_loss, frame, "label", None) is None
 
 
 # ---------------------------------------------------------------- memory pressure during fit

@@ -738,6 +738,93 @@ def test_a_repeating_export_serves_every_epoch_from_one_iterator(tmp_path: Path,
         feed.close()
 
 
+@pytest.mark.parametrize("batch_size", [90, 16], ids=["one-batch-an-epoch", "several"])
+@pytest.mark.parametrize("padding", ["function", "PadColumns"])
+@pytest.mark.parametrize("source", ["memory", "parquet", "csv"])
+def test_a_bounded_repeating_export_prepares_exactly_its_epochs_and_reads_no_shard_past_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, padding: str, batch_size: int
+) -> None:
+    from autobatch.feeds.base import BaseFeed
+
+    n = 90
+    frame = canonical.make_frame(n, seed=1, max_len=64).assign(id=np.arange(n))
+    canonical.write_shards(frame, tmp_path, shards=3)
+    pad = autobatch.PadColumns(["in1", "in2"], add_feature_axis=True, target_axis=True)
+    counting = [False]  # from the first element on: the signature's look at batch 0 is not a training batch
+    ids: list[int] = []
+    made: list[tuple[int, int]] = []  # (feed epoch, rows) of every element made, in Python or padded natively
+    loads: list[tuple[int, str]] = []  # (epoch, shard file) of every shard read, either way
+
+    def function(batch_x: pd.DataFrame, batch_y: pd.Series) -> Any:
+        if counting[0]:
+            ids.extend(batch_x["id"].tolist())
+        return pad(batch_x, batch_y)
+
+    original = BaseFeed._pass_elements
+
+    def elements(self: BaseFeed, make: Any, rows_log: Any, adaptive: bool) -> Any:
+        def counted(lo: int, hi: int, index: int) -> Any:
+            made.append((self.epoch, hi - lo))
+            return make(lo, hi, index)
+
+        return original(self, counted, rows_log, adaptive)
+
+    monkeypatch.setattr(BaseFeed, "_pass_elements", elements)
+    for name in ("_load", "_load_native"):
+        read = getattr(ShardFeed, name)
+
+        def loaded(self: ShardFeed, file_index: int, epoch: int, read: Any = read) -> Any:
+            if counting[0]:
+                loads.append((epoch, self.shards[file_index].path.name))
+            return read(self, file_index, epoch)
+
+        monkeypatch.setattr(ShardFeed, name, loaded)
+    preprocess = pad if padding == "PadColumns" else function
+    options = {"batch_size": batch_size, "preprocess": preprocess, "seed": 2}
+    if source == "memory":
+        feed: BaseFeed = InMemoryFeed(frame, "label", **options)
+    else:
+        feed = ShardFeed(tmp_path / source, "label", **options)
+    signature = (
+        TensorSpec("x/in1", "float32", (None, None, 1)),
+        TensorSpec("x/in2", "float32", (None, None, 1)),
+        TensorSpec("y", "float32", (None, 1)),
+    )
+    feed.set_epoch(1)  # as autobatch.fit resumes at initial_epoch=1 of epochs=3: two epochs train
+    dataset = feed.to_tf_dataset(signature, repeat=True, epochs=2)
+    assert int(dataset.cardinality()) == 2 * len(feed)
+    counting[0] = True
+    iterator = iter(dataset)
+    got = [next(iterator) for _ in range(2 * len(feed))]  # what model.fit(epochs=2, steps_per_epoch=len) takes
+    time.sleep(0.3)  # room for the prefetch to run ahead, if the pass went on past its last epoch
+    assert [rows for _, rows in made] == [len(y) for _, y in got]
+    per_epoch = {epoch: sum(rows for e, rows in made if e == epoch) for epoch, _ in made}
+    assert per_epoch == {1: n, 2: n}, "every row once in each epoch that trains, nothing of epoch 3"
+    if padding == "function":
+        assert sorted(ids) == sorted(2 * list(range(n))), "preprocess saw every sample once per epoch"
+    else:
+        assert ids == []
+    if source != "memory":
+        files = [path.name for path in feed.files]
+        assert sorted(loads) == sorted((epoch, name) for epoch in (1, 2) for name in files), "no read for epoch 3"
+    with pytest.raises(StopIteration):
+        next(iterator)
+    assert feed.epoch == 3 and len(made) == 2 * len(feed)
+    assert getattr(feed, "resident_files", []) == [], "nothing stays loaded after the last epoch"
+
+
+def test_a_repeating_export_takes_a_positive_number_of_epochs_only_with_repeat() -> None:
+    feed = InMemoryFeed(table(20), "label", batch_size=8)
+    with pytest.raises(ConfigError) as excinfo:
+        feed.to_tf_dataset(epochs=2)
+    assert "pass repeat=True with it" in str(excinfo.value) and "epochs=2, repeat=False" in str(excinfo.value)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError) as excinfo:
+            feed.to_tf_dataset(repeat=True, epochs=bad)
+        assert f"Received: epochs={bad!r}" in str(excinfo.value)
+    assert int(feed.to_tf_dataset(repeat=True).cardinality()) == -1, "without epochs: without end"
+
+
 def test_repeat_needs_the_same_batches_every_epoch() -> None:
     from autobatch.feeds.size_aware import SizeAwareFeed
 

@@ -268,9 +268,9 @@ def plan_on_1000_mib(**options):
 def test_headroom_counts_the_growth_the_plan_still_expects_and_defaults_to_its_margin():
     plan = plan_on_1000_mib(max_batch_size=64)
     monitor = MemoryMonitor(plan, console=Console(file=io.StringIO()), reader=AvailableReader([0]), background=False)
-    assert plan.safety == DEFAULT_SAFETY["growth"]  # the default margin on the growth
+    assert plan.safety == DEFAULT_SAFETY  # the default margin on the growth
     # safety × the limit (above the plan's margin on growth)
-    assert monitor.min_headroom_bytes == int(DEFAULT_SAFETY["growth"] * 1000 * MiB)
+    assert monitor.min_headroom_bytes == int(DEFAULT_SAFETY * 1000 * MiB)
     reading = MemoryReading(400 * MiB, 400 * MiB, 1000 * MiB)
     assert monitor.headroom_bytes(reading) == 1000 * MiB - (plan.predicted_peak_bytes - 400 * MiB)
 

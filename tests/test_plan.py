@@ -9,7 +9,7 @@ MiB = 1024**2
 
 
 def result(*, n=10_000, raw=100 * MiB, trials=((8, 600 * MiB), (64, 656 * MiB)), worst=4096.0, source="in_memory",
-           shard=10 * MiB, gpu=None):
+           shard=10 * MiB, gpu=None, baseline=592 * MiB):
     """A probe result with made-up but self-consistent numbers: step peak = 592 MiB + 1 MiB/sample."""
     steps = tuple(
         StepTrial(b, peak, None if gpu is None else gpu[i]) if peak is not None else StepTrial(b, None, fits=False)
@@ -19,7 +19,7 @@ def result(*, n=10_000, raw=100 * MiB, trials=((8, 600 * MiB), (64, 656 * MiB)),
         n_samples=n, source=source, raw_bytes=raw, raw_bytes_per_sample=raw / n, raw_scope="test",
         largest_shard_raw_bytes=shard, sample_batch_size=32, preprocessed_bytes_per_sample=1024.0,
         worst_preprocessed_bytes_per_sample=worst, worst_scope="test", preprocess_peak_bytes_per_sample=worst,
-        output_signature=(), device="CPU", trials=steps,
+        output_signature=(), device="CPU", trials=steps, baseline_rss_bytes=baseline,
     )
 
 
@@ -46,7 +46,7 @@ def test_largest_batch_whose_predicted_peak_fits():
     assert use.margin_bytes == pytest.approx(with_margin(plan.batch_size) - predicted_host(r, plan.batch_size), abs=1)
     assert use.usable_bytes == 2048 * MiB - use.margin_bytes
     assert plan.steps_per_epoch == math.ceil(r.n_samples / plan.batch_size)
-    assert "limited by host memory" in plan.explanation and "10% margin on the predicted growth" in plan.explanation
+    assert "limited by host memory" in plan.explanation and "10% margin on what training adds" in plan.explanation
     assert not plan.confirmed  # no trial at or above that size yet
 
 
@@ -115,7 +115,7 @@ def test_a_measured_point_above_the_line_pulls_the_plan_down():
     assert b_hard < b_easy
     # the fitted line lies on or above every measured point
     fit = hard.host_fit
-    assert all(fit(t.batch_size) >= t.peak_rss_bytes - 1 for t in hard.trials)
+    assert all(hard.baseline_rss_bytes + fit(t.batch_size) >= t.peak_rss_bytes - 1 for t in hard.trials)
 
 
 def test_confirmed_by_a_fitting_trial_at_or_above_the_size():
@@ -179,7 +179,7 @@ def test_bad_options(kwargs):
 
 def test_plan_renders_with_numbers():
     text = str(make_plan(result(), [host(2048 * MiB)]))
-    assert "batch_size" in text and "host" in text and "2.0 GiB" in text and "1.8 GiB" in text
+    assert "batch_size" in text and "host" in text and "2.0 GiB" in text and "runtime + model (probe child)" in text
 
 
 def test_target_batch_that_fits_is_used_as_is():
@@ -208,26 +208,45 @@ def test_prime_target_uses_the_fewest_steps_that_reach_it():
     assert plan.effective_batch_size - 4099 < plan.gradient_accumulation_steps
 
 
-def test_a_margin_on_the_whole_budget_for_training_autobatch_does_not_run():
+def test_the_fixed_part_is_the_training_process_measured_else_the_probe_child():
     r = result()
-    plan = make_plan(r, [host(2048 * MiB)], safety=0.1, margin_on="budget")
-    usable = 2048 * MiB * 0.9
-    assert predicted_host(r, plan.batch_size) <= usable < predicted_host(r, plan.batch_size + 1)
-    assert plan.budget("host").margin_bytes == int(round(0.1 * 2048 * MiB))
-    assert "10% margin on the whole budget" in plan.explanation
-    assert plan.batch_size < make_plan(r, [host(2048 * MiB)], safety=0.1).batch_size
-    with pytest.raises(ConfigError):
-        make_plan(r, [host(2048 * MiB)], margin_on="all")
+    cli = make_plan(r, [host(2048 * MiB)])
+    parts = dict(cli.budget("host").components)
+    assert parts["runtime + model (probe child)"] == 592 * MiB and parts["dataset"] == r.raw_bytes
+    assert "probe child's runtime + model (592.0 MiB)" in cli.explanation
+    # In the training process: its RSS (which holds the in-memory dataset) replaces the child's baseline.
+    here = make_plan(r, [host(2048 * MiB)], process_rss_bytes=650 * MiB + r.raw_bytes)
+    parts = dict(here.budget("host").components)
+    assert parts["this process"] == 650 * MiB and "runtime + model (probe child)" not in parts
+    assert here.predicted_peak_bytes - cli.predicted_peak_bytes == pytest.approx(
+        58 * MiB + (here.batch_size - cli.batch_size) * (MiB + 3 * r.worst_preprocessed_bytes_per_sample), abs=2
+    )
+    assert here.batch_size < cli.batch_size and "probe child" not in here.explanation
+    # Neither fixed part gets a margin: the margin is the same function of the batch in both.
+    assert here.budget("host").margin_bytes == pytest.approx(
+        0.1 * here.batch_size * (MiB + 3 * r.worst_preprocessed_bytes_per_sample), abs=2
+    )
 
 
-def test_the_default_margin_is_10_percent_of_the_growth_or_of_a_budget():
+def test_the_default_margin_is_10_percent_of_what_training_adds():
     r = result(n=100_000)
     budget = [host(1024 * MiB)]
     assert make_plan(r, budget).safety == 0.1
     assert make_plan(r, budget).batch_size == make_plan(r, budget, safety=0.1).batch_size
     assert make_plan(r, budget, safety=0.05).batch_size > make_plan(r, budget).batch_size
-    assert "10% margin on the predicted growth" in make_plan(r, budget).explanation
-    on_budget = make_plan(r, budget, margin_on="budget")
-    assert on_budget.safety == 0.1 and on_budget.budget("host").margin_bytes == int(round(0.1 * 1024 * MiB))
+    assert "10% margin on what training adds" in make_plan(r, budget).explanation
     with pytest.raises(ConfigError, match="safety"):
         make_plan(r, budget, safety=1.0)
+
+
+@pytest.mark.parametrize(("n", "warned"), [(5_000, True), (200_000, False)])
+def test_a_batch_leaving_few_optimizer_steps_says_so(n, warned):
+    # ~1 MiB/sample: 8 GiB lets ~7,000 samples into one batch, the whole 5,000-row set.
+    plan = make_plan(result(n=n), [host(8 * 1024 * MiB)])
+    steps = math.ceil(n / plan.batch_size)
+    assert ("optimizer step(s) per epoch" in plan.explanation) is warned
+    if warned:
+        assert steps < 10 and f"Only {steps} optimizer step(s)" in plan.explanation
+        assert "max_batch_size=" in plan.explanation and "target_batch_size=" in plan.explanation
+    capped = make_plan(result(n=n), [host(8 * 1024 * MiB)], max_batch_size=n // 20)
+    assert "optimizer step(s) per epoch" not in capped.explanation

@@ -136,7 +136,7 @@ LINEAR = LengthMemoryModel(700 * MiB, 2000.0)
 HOST_1GIB = Budget("host", 1024 * MiB, "ram_limit=1GiB")
 
 
-def with_margin(peak, safety=DEFAULT_SAFETY["growth"]):
+def with_margin(peak, safety=DEFAULT_SAFETY):
     """A predicted peak plus the safety margin on its growth over the measured runtime (700 MiB) and dataset (10 MiB)."""
     return peak + safety * (peak - 710 * MiB)
 

@@ -578,6 +578,7 @@ class BaseFeed(keras.utils.PyDataset):
         prefetch: int | Literal["autotune"] = 2,
         adaptive: bool = False,
         repeat: bool = False,
+        epochs: int | None = None,
     ) -> Any:
         """This feed as a ``tf.data.Dataset`` of the same batches, ``prefetch`` of them produced ahead.
 
@@ -586,13 +587,16 @@ class BaseFeed(keras.utils.PyDataset):
         with Keras. A pass that stops early leaves the epoch unchanged (see the
         module's resume semantics).
 
-        With ``repeat=True`` one pass serves epoch after epoch, without end: train
-        it with ``model.fit(..., steps_per_epoch=len(feed))``, as :func:`autobatch.fit`
+        With ``repeat=True`` one pass serves epoch after epoch: train it with
+        ``model.fit(..., epochs=n, steps_per_epoch=len(feed))``, as :func:`autobatch.fit`
         does. Keras then keeps one iterator for the whole ``fit`` instead of making a
         new one every epoch (on the canonical example that costs 30–50 ms an epoch,
         more with a ``PadColumns`` export, whose map function is instantiated anew),
         and the next epoch's first batches are made while the current one's last
-        steps train.
+        steps train. Pass ``epochs=n`` (the epochs the fit trains) and the pass ends
+        after the last batch of its ``n``-th epoch: without it, the prefetch and
+        the generator run on into an epoch that never trains, preprocessing (and,
+        streaming, reading shards for) up to ``prefetch`` more batches.
 
         Args:
             output_signature: the probe's :class:`~autobatch.TensorSpec` tuple
@@ -612,13 +616,16 @@ class BaseFeed(keras.utils.PyDataset):
                 served; Keras warns "Your input ran out of data" at the end of each epoch,
                 which :func:`autobatch.fit` silences.
             repeat: serve every epoch from one pass (above); the dataset's cardinality
-                is then infinite. Not with ``adaptive``, nor for feeds whose batches
-                per epoch vary (size-aware feeds).
+                is then infinite, or ``epochs × len(self)``. Not with ``adaptive``, nor
+                for feeds whose batches per epoch vary (size-aware feeds).
+            epochs: with ``repeat``, how many epochs the pass serves before it ends
+                (``None``: without end). Each epoch is the feed's next one, from
+                :attr:`epoch` on.
 
         Returns:
             A ``tf.data.Dataset`` of ``(inputs, targets[, sample_weight])`` with an
             exact ``element_spec`` and known cardinality ``len(self)`` (rows per epoch
-            with ``adaptive``, infinite with ``repeat``).
+            with ``adaptive``; with ``repeat``, ``epochs × len(self)`` or infinite).
 
         Raises:
             PreprocessError: ``output_signature`` disagrees with the first batch's
@@ -626,7 +633,8 @@ class BaseFeed(keras.utils.PyDataset):
                 (e.g. an axis inferred as fixed varies) fails while iterating, as
                 ``tf.errors.UnknownError`` carrying the ``PreprocessError`` message:
                 pass the probe's signature, or pad that axis to a fixed length.
-            ConfigError: ``repeat`` with ``adaptive``, or for a feed whose batches per epoch vary.
+            ConfigError: ``repeat`` with ``adaptive``, or for a feed whose batches per epoch vary;
+                ``epochs`` without ``repeat``, or not a positive int.
         """
         import tensorflow as tf
 
@@ -636,6 +644,15 @@ class BaseFeed(keras.utils.PyDataset):
                 f"repeat=True needs the same batches every epoch (steps_per_epoch=len(feed)); received {why}. "
                 "Pass repeat=False: Keras then makes a new iterator every epoch."
             )
+        if epochs is not None:
+            if not repeat:
+                raise ConfigError(
+                    "`epochs` bounds a repeating pass: pass repeat=True with it (without, every pass is one epoch). "
+                    f"Received: epochs={epochs!r}, repeat=False"
+                )
+            if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
+                raise ConfigError(f"`epochs` must be a positive int or None. Received: epochs={epochs!r}")
+            epochs = int(epochs)
         signature_specs = output_signature if output_signature is not None else self.output_signature
         count = len(self)
         if count == 0:
@@ -663,9 +680,12 @@ class BaseFeed(keras.utils.PyDataset):
                 # runs ahead into the next epoch; its batches are batch_bounds', which the monitor falls back to.
                 self._pass = rows_log
             try:
+                served = 0
                 while True:
                     yield from self._pass_elements(make, rows_log, adaptive)
-                    if not repeat:
+                    served += 1
+                    # Past the last epoch that trains, nothing is prepared (or read ahead): the pass just ends.
+                    if not repeat or (epochs is not None and served >= epochs):
                         break
             except AutobatchError as exc:
                 with self._lock:
@@ -678,7 +698,9 @@ class BaseFeed(keras.utils.PyDataset):
             dataset = tf.data.Dataset.from_generator(generate, output_signature=native.element_signature)
             dataset = dataset.map(native.assemble)
         if not adaptive:
-            cardinality = tf.data.INFINITE_CARDINALITY if repeat else count
+            cardinality = count
+            if repeat:
+                cardinality = tf.data.INFINITE_CARDINALITY if epochs is None else count * epochs
             dataset = dataset.apply(tf.data.experimental.assert_cardinality(cardinality))
         dataset = prefetched(dataset, prefetch)
         if adaptive:
