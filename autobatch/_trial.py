@@ -89,7 +89,11 @@ def _load(message: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         raise TypeError(f"the model reference {ref} did not give a keras.Model, but {type(model)}")
     if not getattr(model, "compiled", False) or model.optimizer is None:
         raise ValueError("the model is not compiled: call model.compile(optimizer=..., loss=...) before probing")
-    # The trials' growth is measured above this: TensorFlow's runtime and the model, before any step or shard.
+    # The trials' growth is measured above this: TensorFlow's runtime, the model and the libraries the training
+    # process feeds it with (autobatch's feeds, pandas, Arrow), before any step or shard.
+    import autobatch.feeds  # noqa: F401
+    import pyarrow.parquet  # noqa: F401
+
     gc.collect()
     baseline = rss_bytes()
     held, read_peak = None, None

@@ -388,14 +388,18 @@ def _feed_failure(*feeds: Any) -> AutobatchError | None:
     return None
 
 
+_TARGET_WORDS = ("target", "targets", "label", "labels")
+"""What users (and the CLI, ``--target``) call ``y``."""
+
 _FIT_KEYWORD_HINTS: dict[str, str] = {
-    **dict.fromkeys(("target", "targets", "label", "labels"), "y"),
-    "batch": "max_batch_size= (never train on larger batches) or target_batch_size= (the batch the optimizer sees, "
-    "kept by gradient accumulation); autobatch.fit chooses the batch size itself",
-    **dict.fromkeys(("memory_limit", "max_memory", "ram", "memory"), "ram_limit= (e.g. ram_limit='8GiB')"),
-    **dict.fromkeys(("gpu_memory", "vram"), "gpu_limit= (e.g. gpu_limit='16GiB', per replica)"),
+    "batch": "autobatch.fit chooses the batch size itself; did you mean max_batch_size= (never train on larger "
+    "batches) or target_batch_size= (the batch the optimizer sees, kept by gradient accumulation)?",
+    **dict.fromkeys(
+        ("memory_limit", "max_memory", "ram", "memory"), "did you mean ram_limit= (e.g. ram_limit='8GiB')?"
+    ),
+    **dict.fromkeys(("gpu_memory", "vram"), "did you mean gpu_limit= (e.g. gpu_limit='16GiB', per replica)?"),
 }
-"""Keywords users reach for that autobatch.fit spells otherwise, and what to say instead."""
+"""Other keywords users reach for that autobatch.fit spells otherwise, and what to say instead."""
 
 
 def _model_fit_parameters(model: Any) -> set[str]:
@@ -439,7 +443,7 @@ def _check_fit_kwargs(model: Any, fit_kwargs: Mapping[str, Any]) -> None:
     for key in unknown:
         hint = _FIT_KEYWORD_HINTS.get(key.lower())
         value = fit_kwargs[key]
-        if hint == "y":
+        if key.lower() in _TARGET_WORDS:
             named = isinstance(value, str) or (
                 isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value)
             )
@@ -448,7 +452,7 @@ def _check_fit_kwargs(model: Any, fit_kwargs: Mapping[str, Any]) -> None:
                 "(or names) of the data, or the targets themselves (an array, Series or DataFrame)."
             )
         elif hint is not None:
-            hints.append(f"`{key}`: did you mean {hint}?")
+            hints.append(f"`{key}`: {hint}")
         else:
             close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
             hints.append(

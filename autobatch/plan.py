@@ -47,7 +47,11 @@ PROCESS_PART = "this process"
 """The measured RSS of the process that will train (less the dataset, a part of its own)."""
 CHILD_BASELINE_PART = "runtime + model (probe child)"
 """The probe child's runtime + model, standing for a training process that autobatch does not run (the CLI)."""
-_EXACT_PARTS = frozenset({PROCESS_PART, CHILD_BASELINE_PART, "dataset", "gradient accumulators", "tf.data copy"})
+DEVICE_PART = "model + runtime on the device"
+"""The intercept of a GPU's fitted step line: what the device holds at any batch, measured by every trial."""
+_EXACT_PARTS = frozenset(
+    {PROCESS_PART, CHILD_BASELINE_PART, DEVICE_PART, "dataset", "gradient accumulators", "tf.data copy"}
+)
 """Parts measured or counted exactly, which get no safety margin."""
 FEW_STEPS = 10
 """A plan leaving fewer optimizer steps per epoch than this says so: that few updates can starve training."""
@@ -428,7 +432,9 @@ def make_plan(
                 fit = result.gpu_fit
                 if fit is None:
                     continue
-                a, s, parts = fit.intercept_bytes, fit.slope_bytes, [("train step", fit.intercept_bytes, fit.slope_bytes)]
+                # The line's intercept is the model, optimizer and runtime on the device, measured by every trial.
+                parts = [(DEVICE_PART, fit.intercept_bytes, 0.0), ("train step", 0.0, fit.slope_bytes)]
+                a, s = fit.intercept_bytes, fit.slope_bytes
             if accumulators and result.model_params:
                 # One float32 accumulator per weight: the probe's steps ran without them.
                 extra = 4.0 * result.model_params
@@ -937,7 +943,7 @@ def make_bucket_plan(
                 model = sized.gpu_model
                 if model is None:
                     continue
-                parts = [("train step", model.intercept_bytes, model.per_sample_bytes(length))]
+                parts = [(DEVICE_PART, model.intercept_bytes, 0.0), ("train step", 0.0, model.per_sample_bytes(length))]
             out.append((budget, usable, sum(p[1] for p in parts), sum(p[2] for p in parts), parts))
         return out
 

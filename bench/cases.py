@@ -904,6 +904,30 @@ def _size_aware_vs_tutorial(ctx: Context, sized: dict[str, Any]) -> list[Row]:
     ]
 
 
+# --------------------------------------------------------------------------- 9. stability (issue 18)
+
+
+def stability(ctx: Context) -> list[Row]:
+    """The planned batch over fresh processes (max ÷ min), CLI ÷ fit, and the plan's wall time, per limit."""
+    import stability as bench_stability
+
+    quick = ctx.sizes is workload.QUICK
+    limits = ["1GiB"] if quick else ["1GiB", "2GiB"]
+    runs = bench_stability.run(limits, 1 if quick else 5, log=ctx.log)
+    rows = []
+    for s in bench_stability.summarize(runs):
+        limit = s["limit"]
+        for kind in ("cli", "fit"):
+            rows.append(Row("stability", f"max ÷ min planned batch, {kind}, {limit}", s[f"{kind}_spread"],
+                            target=Target(high=1.10), detail=f"batches {s[f'{kind}_batches']}"))
+        rows.append(Row("stability", f"CLI ÷ fit planned batch (medians), {limit}", s["cli_over_fit"],
+                        target=Target(0.9, 1.1)))
+        for kind in ("cli", "fit"):
+            rows.append(Row("stability", f"plan wall time, {kind}, {limit} (median)", s[f"{kind}_seconds"], unit="s",
+                            detail="probe and confirming trials, no cache"))
+    return rows
+
+
 BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "feed": feed_overhead,
     "shards": shard_streaming,
@@ -913,5 +937,7 @@ BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "probe": probe_cost,
     "padding": padding,
     "sizeaware": size_aware,
+    "stability": stability,
 }
 """Every benchmark by the name ``./dev bench NAME`` selects it with, in the issue's order."""
+

@@ -316,7 +316,9 @@ def _streamed(monkeypatch):
     [("memory", 160, 2, 0), ("memory", 48, 3, 1), ("csv", 160, 2, 0), ("csv", 48, 2, 0)],
     ids=["memory-one-step-an-epoch", "memory-several-steps-resumed", "csv-one-step-an-epoch", "csv-several-steps"],
 )
-def test_fit_prepares_exactly_the_epochs_that_train(tmp_path, monkeypatch, source, max_batch_size, epochs, initial_epoch):
+def test_fit_prepares_exactly_the_epochs_that_train(
+    tmp_path, monkeypatch, source, max_batch_size, epochs, initial_epoch
+):
     from collections import Counter
 
     from autobatch.feeds import ShardFeed
@@ -483,7 +485,11 @@ def _refuse_to_plan(monkeypatch):
         ),
         ({"labels": ["label"]}, ["`labels`: did you mean y=['label']?"]),
         ({"targets": [0.0, 1.0]}, ["`targets`: did you mean y=? y is the target column name", "targets themselves"]),
-        ({"batch": 32}, ["`batch`: did you mean max_batch_size= (never train on larger batches) or target_batch_size="]),
+        (
+            {"batch": 32},
+            ["`batch`: autobatch.fit chooses the batch size itself; did you mean max_batch_size= (never train on "
+             "larger batches) or target_batch_size= (the batch the optimizer sees, kept by gradient accumulation)?"],
+        ),
         ({"max_batchsize": 64}, ["`max_batchsize`: did you mean max_batch_size=?"]),
         ({"validaton_freq": 2}, ["`validaton_freq`: did you mean validation_freq=?"]),
         ({"memory_limit": "4GiB"}, ["`memory_limit`: did you mean ram_limit= (e.g. ram_limit='8GiB')?"]),

@@ -261,6 +261,7 @@ def plan_on_1000_mib(**options):
         largest_shard_raw_bytes=0, sample_batch_size=32, preprocessed_bytes_per_sample=1024.0,
         worst_preprocessed_bytes_per_sample=1024.0, worst_scope="t", preprocess_peak_bytes_per_sample=0.0,
         output_signature=(), device="CPU", trials=(StepTrial(8, 500 * MiB), StepTrial(64, 556 * MiB)),
+        baseline_rss_bytes=492 * MiB,
     )
     return make_plan(probe, [Budget("host", 1000 * MiB, "test")], queue_batches=0, **options)
 
