@@ -891,7 +891,8 @@ def plan_size_aware(
                 break
             extras = sum(v for name, v in host.components if name != "train step")
             logger.info("confirming bucket %d-%d at batch %d by a real trial", bucket.lo, bucket.hi, bucket.batch_size)
-            limit = max(host.usable_bytes - extras, 1)
+            # The child's RSS holds its own baseline; the plan's extras hold this process's: compare growth to growth.
+            limit = (result.baseline_rss_bytes or 0) + max(host.usable_bytes - extras, 1)
             sized = grid.confirm(sized, bucket.batch_size, bucket.hi, rss_limit_bytes=limit)
             chosen = make_bucket_plan(sized, budgets, **options)
         return chosen

@@ -83,6 +83,8 @@ def summarize(runs: dict[tuple[str, str], list[dict[str, Any]]]) -> list[dict[st
 
 def run(limits: list[str], reps: int, log: Any = print) -> dict[tuple[str, str], list[dict[str, Any]]]:
     """``reps`` CLI and ``reps`` fit plans per limit, interleaved so the machine's state drifts over both alike."""
+    if not (ROOT / "examples/data/.complete").exists():  # as ./dev demo builds it
+        subprocess.run([sys.executable, "examples/canonical.py", "--out", "examples/data"], cwd=ROOT, check=True)
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for rep in range(reps):
         for limit in limits:

@@ -317,7 +317,7 @@ def _streamed(monkeypatch):
     ids=["memory-one-step-an-epoch", "memory-several-steps-resumed", "csv-one-step-an-epoch", "csv-several-steps"],
 )
 def test_fit_prepares_exactly_the_epochs_that_train(
-    tmp_path, monkeypatch, source, max_batch_size, epochs, initial_epoch
+    tmp_path, monkeypatch, recwarn, source, max_batch_size, epochs, initial_epoch
 ):
     from collections import Counter
 
@@ -358,6 +358,7 @@ def test_fit_prepares_exactly_the_epochs_that_train(
     if source == "csv":
         files = sorted(path.name for path in (tmp_path / "csv").iterdir())
         assert sorted(reads) == sorted((e, f) for e in range(initial_epoch, epochs) for f in files), reads
+    assert not [w for w in recwarn if "ran out of data" in str(w.message)], "Keras never asked past the last epoch"
 
 
 def test_fit_keeps_the_effective_batch_by_gradient_accumulation():
