@@ -340,12 +340,7 @@ def distribute_plan(
     result = local_plan.probe
     batch, limiting = agree(limits, n_samples=result.n_samples)
     cap = options.get("max_batch_size")
-    if layout.local_replicas == 1 and local_plan.batch_size == batch and local_plan.confirmed:
-        # This worker's own plan is the agreement: keep it (a plan interpolated between two trials is not the
-        # probe line's, so planning again from the result could give a smaller batch than the one agreed).
-        chosen = local_plan
-    else:
-        chosen = plan_fn(result, budgets, **{**options, "max_batch_size": batch if cap is None else min(cap, batch)})
+    chosen = plan_fn(result, budgets, **{**options, "max_batch_size": batch if cap is None else min(cap, batch)})
     distribution = Distribution(
         strategy=layout.strategy,
         num_workers=layout.num_workers,

@@ -95,14 +95,11 @@ def confirm_plan(
             chosen = planned(result, lo.batch_size)  # the refitted line allows a little more: keep the confirmed size
             break
         if lo is not None and hi is not None:
-            # Between a trial that fits and one over the budget: their chord (memory grows with the batch).
-            chord = planned(dataclasses.replace(result, trials=(lo, hi)), min(hi.batch_size - 1, cap or hi.batch_size))
-            size = max(chord.batch_size, lo.batch_size)
+            # Between a trial that fits and one over the budget, the plan is on their chord.
             if size <= CONFIRM_GROWTH * lo.batch_size:
                 chosen = planned(result, lo.batch_size)  # not worth another trial: the size a trial confirmed
                 break
             if hi.batch_size <= BRACKET * lo.batch_size:
-                chosen = _bracketed(dataclasses.replace(chord, probe=result), lo, hi)
                 break
         extras = sum(v for name, v in host.components if name != "train step")
         # A trial that grows past twice what the plan allows cannot fit: stop it there rather than let it run on.
@@ -115,17 +112,6 @@ def confirm_plan(
         if fitted:
             chosen = planned(result, max(fitted))
     return _trial_capped(chosen, user_cap), result
-
-
-def _bracketed(plan: Plan, lo: StepTrial, hi: StepTrial) -> Plan:
-    """The plan interpolated between a trial that fits (``lo``) and one over the budget (``hi``), saying so."""
-    return dataclasses.replace(
-        plan,
-        limited_by="host memory",
-        explanation=f"between real trials at batch {lo.batch_size:,} (fits) and {hi.batch_size:,} (over the budget), "
-        + plan.explanation[0].lower()
-        + plan.explanation[1:].replace("limited by max_batch_size", "interpolated between them", 1),
-    )
 
 
 def _trial_capped(plan: Plan, user_cap: int | None) -> Plan:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from autobatch._memory import Budget
 from autobatch._units import format_bytes
 from autobatch.errors import BudgetError, ConfigError
-from autobatch.probe import ProbeResult
+from autobatch.probe import ProbeResult, StepCurve
 
 if TYPE_CHECKING:
     from autobatch._distribute import Distribution
@@ -293,6 +293,32 @@ def _allowed(limit: float, a: float, s: float, parts: Sequence[Part], margin: _M
     return _max_batch(a + ma, s + ms, limit)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Piece:
+    """The peak line ``a + s·b`` made of ``parts``, from batch ``start`` up to the next piece's start."""
+
+    start: int
+    a: float
+    s: float
+    parts: list[Part]
+    between: tuple[int, int] | None = None
+    """The real trials the step's growth is interpolated between here, if any."""
+
+
+def _pieces_allowed(limit: float, pieces: Sequence[_Piece], margin: _Margin) -> int | None:
+    """The largest batch whose predicted peak plus margin fits ``limit`` on a rising piecewise line (``None``: unbounded)."""
+    for piece, after in zip(pieces, [*pieces[1:], None]):
+        most = _allowed(limit, piece.a, piece.s, piece.parts, margin)
+        if after is not None and (most is None or most >= after.start - 1):
+            continue  # this whole piece fits: the answer lies further up
+        return most if most is None else max(most, piece.start - 1, 0)
+    return None
+
+
+def _piece_at(pieces: Sequence[_Piece], batch: int) -> _Piece:
+    return [p for p in pieces if p.start <= max(batch, 1)][-1]
+
+
 def _budget_use(budget: Budget, a: float, s: float, parts: Sequence[Part], margin: _Margin, batch: int) -> BudgetUse:
     """How ``budget`` is used at ``batch`` by the peak line ``a + s·b`` made of ``parts``."""
     b = max(batch, 1)
@@ -360,6 +386,20 @@ def _host_terms(
     return sum(p[1] for p in parts), sum(p[2] for p in parts), parts
 
 
+def _host_pieces(a: float, s: float, parts: list[Part], curve: StepCurve | None) -> list[_Piece]:
+    """The host peak line with the step's growth following the measured ``curve``, piece by piece."""
+    if curve is None:
+        return [_Piece(0, a, s, parts)]
+    line = curve.line
+    pieces = []
+    for step in curve.pieces():
+        # Every other part is the same on each piece: only the train step's line changes.
+        da, ds = step.intercept_bytes - line.intercept_bytes, step.slope_bytes - line.slope_bytes
+        named = [(n, pa + da, ps + ds) if n == "train step" else (n, pa, ps) for n, pa, ps in parts]
+        pieces.append(_Piece(step.start, a + da, s + ds, named, step.between))
+    return pieces
+
+
 def make_plan(
     result: ProbeResult,
     budgets: Sequence[Budget],
@@ -420,37 +460,42 @@ def make_plan(
     if not budgets:
         raise ConfigError("make_plan needs at least one budget (the host's).")
 
-    def lines_for(strategy: Strategy, accumulators: bool) -> list[tuple[Budget, float, float, float, list[Any]]]:
+    Lines = list[tuple[Budget, list[_Piece]]]
+
+    def lines_for(strategy: Strategy, accumulators: bool) -> Lines:
         lines = []
         for budget in budgets:
-            usable = float(budget.limit_bytes)
             if budget.kind == "host":
                 a, s, parts = _host_terms(
                     result, strategy, queue_batches, read_ahead_shards, process_rss_bytes, export_bytes
                 )
+                pieces = _host_pieces(a, s, parts, result.host_curve)
             else:
                 fit = result.gpu_fit
                 if fit is None:
                     continue
                 # The line's intercept is the model, optimizer and runtime on the device, measured by every trial.
                 parts = [(DEVICE_PART, fit.intercept_bytes, 0.0), ("train step", 0.0, fit.slope_bytes)]
-                a, s = fit.intercept_bytes, fit.slope_bytes
+                pieces = [_Piece(0, fit.intercept_bytes, fit.slope_bytes, parts)]
             if accumulators and result.model_params:
                 # One float32 accumulator per weight: the probe's steps ran without them.
                 extra = 4.0 * result.model_params
-                a, parts = a + extra, [*parts, ("gradient accumulators", extra, 0.0)]
-            lines.append((budget, usable, a, s, parts))
+                pieces = [
+                    dataclasses.replace(p, a=p.a + extra, parts=[*p.parts, ("gradient accumulators", extra, 0.0)])
+                    for p in pieces
+                ]
+            lines.append((budget, pieces))
         return lines
 
-    def largest(lines: list[tuple[Budget, float, float, float, list[Any]]]) -> tuple[int, str]:
+    def largest(lines: Lines) -> tuple[int, str]:
         caps: list[tuple[int, str]] = [(result.n_samples, "the dataset size")]
         if max_batch_size is not None:
             caps.append((max_batch_size, "max_batch_size"))
         failed = result.failed_batch_size()
         if failed is not None:
             caps.append((failed - 1, f"a real trial at batch {failed} that ran out of memory"))
-        for budget, usable, a, s, parts in lines:
-            most = _allowed(usable, a, s, parts, margin)
+        for budget, pieces in lines:
+            most = _pieces_allowed(budget.limit_bytes, pieces, margin)
             if most is not None:
                 caps.append((most, f"{budget.kind} memory"))
         batch, limited_by = min(caps, key=lambda c: c[0])
@@ -458,8 +503,13 @@ def make_plan(
             batch -= batch % multiple_of
         return batch, limited_by
 
-    def uses_at(lines: list[tuple[Budget, float, float, float, list[Any]]], batch: int) -> list[BudgetUse]:
-        return [_budget_use(budget, a, s, parts, margin, batch) for budget, _, a, s, parts in lines]
+    def uses_at(lines: Lines, batch: int) -> list[BudgetUse]:
+        uses = []
+        for budget, pieces in lines:
+            piece = _piece_at(pieces, batch)
+            use = _budget_use(budget, piece.a, piece.s, piece.parts, margin, batch)
+            uses.append(dataclasses.replace(use, max_batch_size=_pieces_allowed(budget.limit_bytes, pieces, margin)))
+        return uses
 
     strategy: Strategy = "in_memory"
     lines = lines_for("in_memory", False)
@@ -516,6 +566,11 @@ def make_plan(
             f"({binding.budget.source}), keeping a {safety:.0%} margin on what training adds "
             f"({format_bytes(binding.margin_bytes)})"
         )
+        between = next(_piece_at(p, batch).between for b, p in lines if b is binding.budget)
+        if between is not None:
+            explanation += (
+                f"; the step's memory is interpolated between real trials at batch {between[0]:,} and {between[1]:,}"
+            )
     else:
         host = uses[0] if uses else None
         explanation = f"batch {batch:,} is limited by {limited_by}" + (
@@ -544,7 +599,7 @@ def make_plan(
     measured = confirmed_batch = None
     confirmed = False
     if host is not None:
-        parts = next(line[4] for line in lines if line[0].kind == "host")
+        parts = next(pieces[0].parts for budget, pieces in lines if budget.kind == "host")
         for trial in sorted(result.trials, key=lambda t: t.batch_size):
             if trial.batch_size < batch or not trial.fits or trial.peak_rss_bytes is None:
                 continue

@@ -108,6 +108,60 @@ class LinearFit:
 
 
 @dataclasses.dataclass(frozen=True)
+class StepPiece:
+    """One linear piece of a :class:`StepCurve`, from batch ``start`` up to the next piece's start."""
+
+    start: int
+    intercept_bytes: float
+    slope_bytes: float
+    between: tuple[int, int] | None = None
+    """The two real trials this piece interpolates between; ``None`` on the fitted line or below the first trial."""
+
+    def __call__(self, batch_size: int) -> float:
+        return self.intercept_bytes + self.slope_bytes * batch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCurve:
+    """A step's memory vs batch size: through every trial that finished, the fitted line past the largest.
+
+    Between two measured batches the growth is their chord (memory grows with the batch, so the chord of two
+    measurements is closer than any line through all of them); past the largest it is the conservative
+    :class:`LinearFit`; below the smallest, that line but never above the smallest measurement.
+    """
+
+    line: LinearFit
+    points: tuple[tuple[int, float], ...] = ()
+    """(batch, bytes) measured, ascending in both (a smaller batch never needs more)."""
+
+    def pieces(self) -> tuple[StepPiece, ...]:
+        """The curve's linear pieces, ascending in ``start`` (the first starts at 0)."""
+        a, s = self.line.intercept_bytes, self.line.slope_bytes
+        if not self.points:
+            return (StepPiece(0, a, s),)
+        first, low = self.points[0]
+        pieces = [StepPiece(0, a, s)]
+        # The first batch whose line value passes the smallest measurement: from there, that measurement caps it.
+        above = math.floor((low - a) / s) + 1 if s > 0 else (0 if a > low else first + 1)
+        if above <= 0:
+            pieces = [StepPiece(0, low, 0.0)]
+        elif above <= first:
+            pieces.append(StepPiece(above, low, 0.0))
+        for (b0, g0), (b1, g1) in zip(self.points, self.points[1:]):
+            slope = (g1 - g0) / (b1 - b0)
+            pieces.append(StepPiece(b0 + 1, g0 - slope * b0, slope, (b0, b1)))
+        pieces.append(StepPiece(self.points[-1][0] + 1, a, s))
+        return tuple(pieces)
+
+    def piece_at(self, batch_size: int) -> StepPiece:
+        """The piece covering ``batch_size``."""
+        return [p for p in self.pieces() if p.start <= max(batch_size, 0)][-1]
+
+    def __call__(self, batch_size: int) -> float:
+        return self.piece_at(batch_size)(batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
 class ProbeResult:
     """What one training batch costs in memory, measured."""
 
@@ -174,6 +228,23 @@ class ProbeResult:
         its own, so only what each step adds above it comes from the trials.
         """
         return self._fit("peak_rss_bytes", float(self.baseline_rss_bytes or 0))
+
+    @property
+    def host_curve(self) -> StepCurve | None:
+        """:attr:`host_fit` through the trials that finished: the growth the planner predicts at each batch."""
+        fit = self.host_fit
+        if fit is None:
+            return None
+        above = float(self.baseline_rss_bytes or 0)
+        measured: dict[int, float] = {}
+        for t in self.trials:
+            if t.fits and t.peak_rss_bytes is not None:
+                measured[t.batch_size] = max(measured.get(t.batch_size, -math.inf), t.peak_rss_bytes - above)
+        points, most = [], -math.inf
+        for batch, growth in sorted(measured.items()):
+            most = max(most, growth)  # scatter: a larger batch is planned for at least what a smaller one took
+            points.append((batch, most))
+        return StepCurve(fit, tuple(points))
 
     @property
     def gpu_fit(self) -> LinearFit | None:

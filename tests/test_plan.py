@@ -118,6 +118,26 @@ def test_a_measured_point_above_the_line_pulls_the_plan_down():
     assert all(hard.baseline_rss_bytes + fit(t.batch_size) >= t.peak_rss_bytes - 1 for t in hard.trials)
 
 
+def test_between_two_trials_the_step_is_their_chord_and_planning_again_gives_the_same_batch():
+    # Convex growth (8, 64, 508 MiB above the runtime): a line over every trial overshoots between them.
+    r = result(trials=((8, 600 * MiB), (64, 656 * MiB), (256, 1100 * MiB)))
+
+    def with_margin(b):  # the chord of the trials at 64 and 256, plus queue and preprocess, and 10% of that growth
+        growth = 64 * MiB + (b - 64) * (444 / 192) * MiB + 3 * 4096 * b
+        return 592 * MiB + r.raw_bytes + 1.1 * growth
+
+    plan = make_plan(r, [host(1024 * MiB)], safety=0.1)
+    expected = max(b for b in range(65, 256) if with_margin(b) <= 1024 * MiB)
+    assert plan.batch_size == expected
+    assert plan.predicted_peak_bytes == pytest.approx(with_margin(expected) - plan.budget("host").margin_bytes, abs=2)
+    line = r.host_fit
+    assert r.baseline_rss_bytes + r.raw_bytes + 1.1 * (line(expected) + 3 * 4096 * expected) > 1024 * MiB
+    assert "interpolated between real trials at batch 64 and 256" in plan.explanation
+    # Planning again from the same measurements, capped at the batch agreed, keeps it (tf.distribute relies on it).
+    again = make_plan(r, [host(1024 * MiB)], safety=0.1, max_batch_size=plan.batch_size)
+    assert (again.batch_size, again.predicted_peak_bytes) == (plan.batch_size, plan.predicted_peak_bytes)
+
+
 def test_confirmed_by_a_fitting_trial_at_or_above_the_size():
     r = result(n=500, trials=((8, 600 * MiB), (64, 656 * MiB), (500, 1092 * MiB)))
     plan = make_plan(r, [host(4096 * MiB)])

@@ -5,12 +5,14 @@ import pandas as pd
 import pytest
 
 import autobatch
-from autobatch import ModelError, PreprocessError, ProbeError
+from autobatch import ModelError, PreprocessError, ProbeError, ProbeResult, StepTrial
 from autobatch._cache import cache_dir
 from autobatch._data import as_in_memory, sample_in_memory
 from autobatch.probe import Prober
 
 import canonical
+
+MiB = 1024**2
 
 
 def _nbytes(outputs) -> int:
@@ -373,3 +375,24 @@ def test_a_trial_steps_through_its_sweep_then_the_worst_case_batch(tmp_path):
     assert reply["ok"] and reply["peak_rss_bytes"] > 0 and reply["seconds_per_step"] > 0
     # The rows are cycled to the batch size first; the sweep's shorter lengths train before the full batch.
     assert seen == [(6, 6, 1), (6, 3, 1), (6, 10, 1), (6, 10, 1)]
+
+
+def test_step_curve_passes_through_every_finished_trial_and_never_falls():
+    trials = [StepTrial(8, 610 * MiB), StepTrial(32, 640 * MiB), StepTrial(32, 650 * MiB), StepTrial(64, 645 * MiB),
+              StepTrial(128, 800 * MiB), StepTrial(900, None, fits=False)]
+    r = ProbeResult(
+        n_samples=1000, source="in_memory", raw_bytes=0, raw_bytes_per_sample=0.0, raw_scope="test",
+        largest_shard_raw_bytes=0, sample_batch_size=32, preprocessed_bytes_per_sample=1024.0,
+        worst_preprocessed_bytes_per_sample=1024.0, worst_scope="test", preprocess_peak_bytes_per_sample=0.0,
+        output_signature=(), device="CPU", trials=tuple(trials), baseline_rss_bytes=600 * MiB,
+    )
+    curve = r.host_curve
+    # Through each measured growth (the larger repeat at 32; 64 measured less than 32, so it keeps 32's).
+    assert [(b, g / MiB) for b, g in curve.points] == [(8, 10), (32, 50), (64, 50), (128, 200)]
+    assert all(curve(b) == pytest.approx(g) for b, g in curve.points)
+    values = [curve(b) for b in range(0, 400)]
+    assert all(later >= earlier - 1e-6 for earlier, later in zip(values, values[1:]))
+    # Between trials, their chord; past the largest, the fitted line above every point; below the first, capped by it.
+    assert curve(96) == pytest.approx(125 * MiB) and curve.piece_at(96).between == (64, 128)
+    assert curve(300) == pytest.approx(r.host_fit(300)) and curve.piece_at(300).between is None
+    assert curve(4) <= 10 * MiB
