@@ -78,9 +78,15 @@ def _load(message: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         tf.config.experimental.set_memory_growth(gpu, True)
     import keras
 
+    from autobatch._shipping import adopt_path, loads
+
+    adopt_path(message.get("sys_path") or [])  # the caller's modules are importable here too
     ref = message["model"]
     if ref["kind"] == "file":
-        model = keras.saving.load_model(ref["path"])
+        objects = loads(open(ref["custom_objects"], "rb").read()) if ref.get("custom_objects") else None
+        model = _load_file(ref["path"], objects)
+    elif ref["kind"] == "builder":
+        model = loads(open(ref["path"], "rb").read())()
     else:
         from autobatch._loading import resolve_callable
 
@@ -89,6 +95,17 @@ def _load(message: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         raise TypeError(f"the model reference {ref} did not give a keras.Model, but {type(model)}")
     if not getattr(model, "compiled", False) or model.optimizer is None:
         raise ValueError("the model is not compiled: call model.compile(optimizer=..., loss=...) before probing")
+    return session(model, message.get("shard"), gpu=bool(gpus))
+
+
+def session(model: Any, shard: str | None, *, gpu: bool) -> tuple[tuple[Any, Any], dict[str, Any]]:
+    """Ready a loaded model for trials in this process: its baseline RSS, and the shard held as streaming holds one.
+
+    Returns:
+        ``(model, held shard)`` and the info the caller gets (device, baseline, parameters, ...).
+    """
+    import tensorflow as tf
+
     # The trials' growth is measured above this: TensorFlow's runtime, the model and the libraries the training
     # process feeds it with (autobatch's feeds, pandas, Arrow), before any step or shard.
     import autobatch.feeds  # noqa: F401
@@ -97,17 +114,17 @@ def _load(message: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     gc.collect()
     baseline = rss_bytes()
     held, read_peak = None, None
-    if message.get("shard"):
+    if shard:
         # A first read pays one-time costs (imports, thread pools) that stay resident; measure the second.
-        _hold_shard(message["shard"])
+        _hold_shard(shard)
         gc.collect()
         reset_peak_rss()
         before = rss_bytes()
-        held = _hold_shard(message["shard"])
+        held = _hold_shard(shard)
         read_peak = max((peak_rss_bytes() or 0) - before, 0)
     device = "CPU"
-    if gpus:
-        details = tf.config.experimental.get_device_details(gpus[0])
+    if gpu:
+        details = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0])
         device = f"GPU:0 ({details.get('device_name', 'unknown')})"
     info = {
         "ok": True,
@@ -115,12 +132,60 @@ def _load(message: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         "held_shard_rows": 0 if held is None else len(held),
         "shard_read_peak_bytes": read_peak,
         "device": device,
-        "gpu": bool(gpus),
+        "gpu": gpu,
         "baseline_rss_bytes": baseline,
         "param_count": int(model.count_params()),
         "model_name": model.name,
     }
     return (model, held), info
+
+
+def _load_file(path: str, objects: dict[str, Any] | None) -> Any:
+    """The caller's model from its ``.keras`` file (its own, just saved: its Lambda layers' code may be loaded).
+
+    A subclassed model whose layers are made in ``__init__`` but built only by a call cannot take its weights
+    from the file as is: it is rebuilt from its config, called once on zeros of the shape it was built with,
+    then given the file's weights and its compile config.
+    """
+    import json
+    import zipfile
+    from pathlib import Path
+
+    import keras
+    import numpy as np
+
+    try:
+        return keras.saving.load_model(path, custom_objects=objects, safe_mode=False)
+    except Exception:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+        shape = (config.get("build_config") or {}).get("input_shape")
+        if shape is None:
+            raise
+        compile_config = config.pop("compile_config", None)
+        model = keras.saving.deserialize_keras_object(config, custom_objects=objects, safe_mode=False)
+
+        def zeros(spec: Any) -> Any:
+            if isinstance(spec, dict):
+                return {k: zeros(v) for k, v in spec.items()}
+            if isinstance(spec, (list, tuple)) and spec and isinstance(spec[0], (list, tuple, dict)):
+                return [zeros(v) for v in spec]
+            return np.zeros([1 if d is None else d for d in spec], dtype="float32")
+
+        model(zeros(shape))
+        weights = Path(path).with_name("weights.npz")
+        if weights.is_file():  # the caller's weights in the order its layers made them (the same code here)
+            with np.load(weights) as arrays:
+                try:
+                    model.set_weights([arrays[f"w{i}"] for i in range(len(arrays.files))])
+                except ValueError as exc:
+                    raise ValueError(
+                        f"{type(model).__name__} rebuilt from its get_config() is not the caller's model ({exc}): its "
+                        "get_config() does not give back every __init__ argument"
+                    ) from None
+        if compile_config:
+            model.compile_from_config(compile_config)
+        return model
 
 
 def _hold_shard(path: str) -> Any:
@@ -181,7 +246,7 @@ class _ReadAhead:
             raise RuntimeError(f"reading shard {self._path!r} during the trial failed: {self.error}") from self.error
 
 
-def _trial(model: Any, message: dict[str, Any], gpu: bool, shard: str | None = None) -> dict[str, Any]:
+def trial(model: Any, message: dict[str, Any], gpu: bool, shard: str | None = None) -> dict[str, Any]:
     """Train ``steps`` steps on the batch through ``tf.data`` and ``model.fit``, as training will, measuring the peak.
 
     The message's ``sweep`` (a list of per-array lengths) adds one step per entry before those, on
@@ -257,6 +322,16 @@ def _trial(model: Any, message: dict[str, Any], gpu: bool, shard: str | None = N
     return reply
 
 
+def error_reply(exc: Exception) -> dict[str, Any]:
+    """The answer to a command that raised ``exc``."""
+    return {
+        "ok": False,
+        "error": f"{type(exc).__name__}: {exc}",
+        "oom": is_oom_error(exc),
+        "traceback": traceback.format_exc(limit=8),
+    }
+
+
 def main() -> None:
     # Keep the real stdout for replies; anything else printed goes to stderr.
     out = os.fdopen(os.dup(1), "w")
@@ -281,19 +356,11 @@ def main() -> None:
                 shard = message.get("shard") or None
                 _send(out, info)
             elif message["cmd"] == "trial":
-                _send(out, _trial(model, message, gpu, shard))
+                _send(out, trial(model, message, gpu, shard))
             else:
                 _send(out, {"ok": False, "error": f"unknown command {message['cmd']!r}"})
         except Exception as exc:
-            _send(
-                out,
-                {
-                    "ok": False,
-                    "error": f"{type(exc).__name__}: {exc}",
-                    "oom": is_oom_error(exc),
-                    "traceback": traceback.format_exc(limit=8),
-                },
-            )
+            _send(out, error_reply(exc))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from autobatch import _cache, _distribute
@@ -531,6 +531,8 @@ def fit(
     strategy: Any = None,
     batching: Literal["fixed", "size-aware"] = "fixed",
     size_aware_options: Mapping[str, Any] | None = None,
+    model_builder: Callable[[], Any] | str | None = None,
+    probe: Literal["child", "in_process"] = "child",
     **fit_kwargs: Any,
 ) -> Any:
     """Probe, plan, feed and train in one call: ``model.fit`` at the largest batch that fits.
@@ -593,6 +595,13 @@ def fit(
         size_aware_options: more keyword arguments for :func:`plan_size_aware` (``buckets``,
             ``sequence_columns``, ``length_fn``, ``grid_batch_sizes`` ...); the feed gets
             ``sequence_columns``/``length_fn`` too.
+        model_builder: what the probe's child builds its copy of the model with, instead of receiving
+            ``model`` (``"module:function"`` or a zero-argument function that builds and compiles the same
+            model). Only needed for a model that cannot travel to the child as it is (the error says so).
+        probe: ``"child"`` (default) measures in a child process, so an out-of-memory trial cannot kill this
+            one. ``"in_process"`` measures on ``model`` itself in this process (its weights and optimizer
+            state are put back): for a model nothing else can probe, and **unsafe**: a trial that runs out
+            of memory kills this process.
         **fit_kwargs: passed to ``model.fit`` (``class_weight``, ``initial_epoch``,
             ``validation_freq`` ...). Each is checked against what ``model.fit`` takes
             before any probing: a keyword neither takes is a ``ConfigError`` naming the
@@ -651,7 +660,7 @@ def fit(
         feed_options = {k: sized_options[k] for k in ("sequence_columns", "length_fn") if k in sized_options}
         chosen = plan_size_aware(
             x, y, preprocess=preprocess, model=model, ram_limit=ram_limit, gpu_limit=gpu_limit, safety=safety,
-            max_batch_size=max_batch_size, **sized_options,
+            max_batch_size=max_batch_size, model_builder=model_builder, probe=probe, **sized_options,
         )
     elif batching == "fixed":
         if size_aware_options:
@@ -668,6 +677,8 @@ def fit(
             target_batch_size=target_batch_size,
             cache=cache,
             strategy=active,
+            model_builder=model_builder,
+            probe=probe,
         )
     else:
         raise ConfigError(f'`batching` must be "fixed" or "size-aware". Received: batching={batching!r}')

@@ -55,6 +55,7 @@ from autobatch._data import (
 )
 from autobatch._loading import callable_fingerprint, is_callable_spec, resolve_callable, spec_fingerprint
 from autobatch._memory import child_rss_limit_bytes, gpu_memory_totals, rss_bytes
+from autobatch._shipping import caller_path, custom_objects, describe, dumps
 from autobatch._trial import REPLY_PREFIX, pack_batch
 from autobatch._units import format_bytes
 from autobatch.errors import ConfigError, DataError, ModelError, PreprocessError, ProbeError
@@ -518,6 +519,7 @@ class _Child:
     ) -> None:
         self._timeout_s = timeout_s
         self._model_kind = model_ref["kind"]
+        self._expected_params: int | None = model_ref.get("params")
         self._stderr_path = workdir / "child-stderr.log"
         self._stderr = open(self._stderr_path, "w+b")
         env = dict(os.environ)
@@ -535,7 +537,9 @@ class _Child:
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self._info: dict[str, Any] | None = None
-        self._loading = self._send({"cmd": "load", "model": model_ref, "shard": str(shard) if shard else None})
+        self._loading = self._send(
+            {"cmd": "load", "model": model_ref, "shard": str(shard) if shard else None, "sys_path": caller_path()}
+        )
 
     @property
     def info(self) -> dict[str, Any]:
@@ -560,12 +564,14 @@ class _Child:
             raise ProbeError(f"the probe's child process exited while loading the model. Its last output:\n{tail}")
         if not info.get("ok"):
             self.close()
-            hint = (
-                " If the model uses custom layers, pass it as 'module:function' that builds and compiles it."
-                if self._model_kind == "file"
-                else ""
-            )
+            hint = f" {_WAYS_OUT}" if self._model_kind == "file" else ""
             raise ModelError(f"cannot load the model in the probe's child process: {info.get('error')}.{hint}")
+        if self._expected_params is not None and info.get("param_count") != self._expected_params:
+            self.close()
+            raise ModelError(
+                f"the model the probe's child loaded has {info.get('param_count'):,} parameters, the caller's "
+                f"{self._expected_params:,}: it did not arrive intact. {_WAYS_OUT}"
+            )
         self._info = info
         return info
 
@@ -626,6 +632,10 @@ class _Child:
                 self.kill()
                 return {"ok": False, "timeout": True}
 
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
@@ -647,6 +657,58 @@ class _Child:
                 except OSError:
                     pass
         self._stderr.close()
+
+
+class _InProcess:
+    """Trials on the caller's own model in the caller's process (``probe="in_process"``): no child, no guard.
+
+    An out-of-memory trial here kills the caller; it is the explicit choice for a model that cannot travel
+    to a child. The model's weights and optimizer state are put back after every trial, so probing does not
+    train it.
+    """
+
+    def __init__(self, model: Any, *, shard: Path | None = None) -> None:
+        import tensorflow as tf
+
+        from autobatch._trial import session
+
+        if not getattr(model, "compiled", False) or model.optimizer is None:
+            raise ModelError(f"model {model.name!r} is not compiled: call model.compile(optimizer=..., loss=...).")
+        gpu = bool(tf.config.list_physical_devices("GPU"))
+        (self._model, self._held), self._info = session(model, str(shard) if shard else None, gpu=gpu)
+        self._gpu, self._shard = gpu, str(shard) if shard else None
+        self.alive = True
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self._info
+
+    def request(self, message: dict[str, Any], *, rss_limit_bytes: int | None) -> dict[str, Any]:
+        from autobatch._trial import error_reply, trial
+
+        model = self._model
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)  # so its state before the trial can be put back
+        weights = [v.numpy() for v in model.variables]
+        state = [v.numpy() for v in model.optimizer.variables]
+        try:
+            return trial(model, message, self._gpu, self._shard)
+        except Exception as exc:  # noqa: BLE001 (answered as the child answers a failed command)
+            return error_reply(exc)
+        finally:
+            for variable, value in zip(model.variables, weights):
+                variable.assign(value)
+            for variable, value in zip(model.optimizer.variables, state):
+                variable.assign(value)
+
+    def stderr_tail(self, chars: int = 1500) -> str:
+        return ""
+
+    def kill(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._held, self.alive = None, False
 
 
 # --------------------------------------------------------------------------- the prober
@@ -689,8 +751,13 @@ def _model_ref(model: Any, workdir: Path) -> tuple[dict[str, Any], str]:
         return {"kind": "file", "path": str(path.resolve())}, digest
     import keras
 
+    if callable(model) and not isinstance(model, keras.Model):
+        return _builder_ref(model, workdir)
     if not isinstance(model, keras.Model):
-        raise ModelError(f"`model` must be a keras.Model, a .keras path or 'module:function'. Received: {type(model)}")
+        raise ModelError(
+            "`model` must be a keras.Model, a .keras path, 'module:function' or a zero-argument function that "
+            f"builds and compiles one. Received: {type(model)}"
+        )
     if not getattr(model, "compiled", False) or model.optimizer is None:
         raise ModelError(
             f"model {model.name!r} is not compiled: call model.compile(optimizer=..., loss=...) before probing."
@@ -698,13 +765,58 @@ def _model_ref(model: Any, workdir: Path) -> tuple[dict[str, Any], str]:
     path = workdir / "model.keras"
     try:
         model.save(path)
+        objects = custom_objects(model)
+        shipped = dumps(objects)
     except Exception as exc:
         raise ModelError(
-            f"cannot save model {model.name!r} for the probe's child process ({type(exc).__name__}: {exc}). "
-            "Build it with an Input (so it has weights) or pass 'module:function' instead."
+            f"cannot send model {model.name!r} to the probe's child process: {type(exc).__name__}: {exc}. "
+            f"{_WAYS_OUT}"
         ) from exc
-    config = json.dumps([model.to_json(), model.get_compile_config()], sort_keys=True, default=str)
-    return {"kind": "file", "path": str(path)}, hashlib.sha256(config.encode()).hexdigest()[:16]
+    (workdir / "custom_objects.pkl").write_bytes(shipped)
+    if not any(c.__name__ in ("Functional", "Sequential") for c in type(model).__mro__):
+        # A subclassed model may have to be rebuilt by a call in the child, then given these weights.
+        np.savez(workdir / "weights.npz", **{f"w{i}": w for i, w in enumerate(model.get_weights())})
+    ref = {
+        "kind": "file",
+        "path": str(path),
+        "custom_objects": str(workdir / "custom_objects.pkl"),
+        "shipped": sorted(objects),
+        "params": int(model.count_params()),
+    }
+    return ref, _model_fingerprint(model, objects)
+
+
+def _model_fingerprint(model: Any, objects: Mapping[str, Any] | None = None) -> str:
+    """The architecture, compile settings and custom code of a live model, for the cache key."""
+    try:
+        config = json.dumps([model.to_json(), model.get_compile_config()], sort_keys=True, default=str)
+    except Exception:  # noqa: BLE001 (a config that cannot be made: the class and its size stand for it)
+        config = f"{describe(type(model))}:{model.count_params()}"
+    digest = hashlib.sha256(config.encode())
+    for name, obj in sorted((objects if objects is not None else custom_objects(model)).items()):
+        digest.update(f"{name}={callable_fingerprint(obj)}".encode())  # the custom code is part of the architecture
+    return digest.hexdigest()[:16]
+
+
+_WAYS_OUT = (
+    "Two ways out: register each custom class or function with @keras.saving.register_keras_serializable() "
+    "(and give classes whose __init__ takes more than plain values a get_config()), or pass a builder "
+    "(model_builder='module:function' or a zero-argument function that builds and compiles the model). "
+    "probe='in_process' measures in this process instead, where an out-of-memory trial kills it."
+)
+
+
+def _builder_ref(builder: Callable[[], Any], workdir: Path) -> tuple[dict[str, Any], str]:
+    """A zero-argument function that builds and compiles the model, pickled for the child."""
+    try:
+        shipped = dumps(builder)
+    except Exception as exc:
+        raise ModelError(
+            f"cannot send the model builder {describe(builder)} to the probe's child process: "
+            f"{type(exc).__name__}: {exc}. Pass it as 'module:function' instead."
+        ) from exc
+    (workdir / "builder.pkl").write_bytes(shipped)
+    return {"kind": "builder", "path": str(workdir / "builder.pkl")}, callable_fingerprint(builder)
 
 
 def _oom_summary(error: str) -> str:
@@ -796,7 +908,18 @@ class Prober:
         timeout_s: float = 600.0,
         scan_bytes: int = 512 * 1024**2,
         prefetch_batches: int = 2,
+        model_builder: Callable[[], Any] | str | None = None,
+        probe: Literal["child", "in_process"] = "child",
     ) -> None:
+        if probe not in ("child", "in_process"):
+            raise ConfigError(f'`probe` must be "child" or "in_process". Received: probe={probe!r}')
+        if probe == "in_process" and model is not None and not hasattr(model, "fit"):
+            raise ConfigError("probe='in_process' measures the keras.Model itself: pass the compiled model.")
+        if model_builder is not None and not (callable(model_builder) or is_callable_spec(model_builder)):
+            raise ConfigError(
+                "`model_builder` must be 'module:function' or a zero-argument function that builds and compiles the "
+                f"model. Received: {model_builder!r}"
+            )
         if sample_batch_size < 1:
             raise ConfigError(f"`sample_batch_size` must be >= 1. Received: {sample_batch_size}")
         if steps < 1:
@@ -810,6 +933,9 @@ class Prober:
         self._data = _resolve_data(x, y)
         self._preprocess = _resolve_preprocess(preprocess)
         self._model = model
+        self._probe = probe
+        # What travels to the child: the builder when given (it must build the same model), else the model.
+        self._shipped = model_builder if model_builder is not None and model is not None else model
         self._sample_batch_size = sample_batch_size
         self._trial_batch_sizes = tuple(trial_batch_sizes or DEFAULT_TRIAL_BATCH_SIZES)
         self._steps = steps
@@ -820,7 +946,7 @@ class Prober:
         self._prefetch_batches = prefetch_batches
         self._tmp = tempfile.TemporaryDirectory(prefix="autobatch-probe-")
         self._workdir = Path(self._tmp.name)
-        self._child: _Child | None = None
+        self._child: _Child | _InProcess | None = None
         self._sample: DataSample | None = None
         self._model_ref: dict[str, Any] | None = None
         self._model_fp = "none"
@@ -867,8 +993,10 @@ class Prober:
         so a cache hit answers without sampling them.
         """
         if self._key is None:
-            if self._model is not None and self._model_ref is None:
-                self._model_ref, self._model_fp = _model_ref(self._model, self._workdir)
+            if self._model is not None and self._probe == "child":
+                self._ship()
+            elif self._model is not None and self._probe == "in_process":
+                self._model_fp = _model_fingerprint(self._model)
             data = shards_fingerprint(self._data) if isinstance(self._data, ShardSource) else self.sample().signature
             parts = [
                 MEASUREMENT_VERSION,
@@ -886,16 +1014,25 @@ class Prober:
             self._key = hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
         return self._key
 
-    def _child_process(self) -> _Child:
+    def _ship(self) -> dict[str, Any]:
+        """How the child gets the model (made once): a builder must build one the size of the caller's model."""
+        if self._model_ref is None:
+            self._model_ref, self._model_fp = _model_ref(self._shipped, self._workdir)
+            if self._shipped is not self._model and hasattr(self._model, "count_params"):
+                self._model_ref["params"] = int(self._model.count_params())
+        return self._model_ref
+
+    def _child_process(self) -> _Child | _InProcess:
         """The child, started if needed (it loads the model while this process goes on; ``info`` waits for it)."""
-        if self._child is None or self._child.proc.poll() is not None:
+        if self._child is None or not self._child.alive:
             if self._child is not None:
                 self._child.close()  # a child that died or was stopped: release its pipes
                 self._child = None
-            if self._model_ref is None:
-                self._model_ref, self._model_fp = _model_ref(self._model, self._workdir)
             shard = largest_file(self._data.files) if isinstance(self._data, ShardSource) else None
-            self._child = _Child(self._model_ref, timeout_s=self._timeout_s, workdir=self._workdir, shard=shard)
+            if self._probe == "in_process":
+                self._child = _InProcess(self._model, shard=shard)
+                return self._child
+            self._child = _Child(self._ship(), timeout_s=self._timeout_s, workdir=self._workdir, shard=shard)
         return self._child
 
     def worst_batch(self, batch_size: int) -> _Preprocessed:

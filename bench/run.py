@@ -8,7 +8,7 @@ Usage::
     ./dev bench --markdown BENCHMARKS.md         # also write the results block into that file
     ./dev bench --json results.json              # and/or as JSON
 
-Benchmarks (issue 6): feed, shards, tutorial, planning, memory, probe, padding; (issue 9): sizeaware.
+Benchmarks (issue 6): feed, shards, tutorial, planning, memory, probe, padding; (issue 9): sizeaware; (issue 18): stability; (issue 20): models.
 See BENCHMARKS.md for what each one measures and the last results.
 """
 

@@ -102,7 +102,7 @@ def test_quick_run_reports_every_benchmark(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
     assert {r["benchmark"] for r in results} == {
-        "feed", "shards", "tutorial", "planning", "memory", "probe", "padding", "sizeaware", "stability"
+        "feed", "shards", "tutorial", "planning", "memory", "probe", "padding", "sizeaware", "stability", "models"
     }
     assert all(isinstance(r["value"], (int, float)) and r["value"] > 0 for r in results)
     assert "| benchmark | measurement |" in proc.stdout

@@ -351,7 +351,7 @@ def test_a_trial_steps_through_its_sweep_then_the_worst_case_batch(tmp_path):
     import keras
     import tensorflow as tf
 
-    from autobatch._trial import _trial, pack_batch
+    from autobatch._trial import pack_batch, trial as _trial
 
     seen: list[tuple[int, ...]] = []
 
