@@ -182,7 +182,8 @@ def plan(
             strategy's collectives (every worker must call this). ``plan.distribution``
             holds ``num_replicas_in_sync``, the global batch and which worker set the limit.
         **probe_options: passed to :class:`autobatch.probe.Prober`
-            (``sample_batch_size``, ``trial_batch_sizes``, ``steps``, ``seed``, ``timeout_s``).
+            (``sample_batch_size``, ``trial_batch_sizes``, ``steps``, ``seed``, ``timeout_s``, and
+            ``model_builder`` / ``probe="in_process"`` as :func:`autobatch.fit` documents them).
 
     Returns:
         The :class:`Plan`, with the :class:`ProbeResult` it rests on as ``plan.probe``.

@@ -67,7 +67,7 @@ DEFAULT_TRIAL_BATCH_SIZES = (8, 32, 128)
 DEFAULT_SWEEP_STEPS = 48
 """Steps at shorter padded lengths before each trial's worst-case steps (see :func:`sweep_lengths`)."""
 # Part of every cache key: bump it whenever what or how the probe measures changes.
-MEASUREMENT_VERSION = 6
+MEASUREMENT_VERSION = 7
 
 
 # --------------------------------------------------------------------------- results
@@ -780,7 +780,6 @@ def _model_ref(model: Any, workdir: Path) -> tuple[dict[str, Any], str]:
         "kind": "file",
         "path": str(path),
         "custom_objects": str(workdir / "custom_objects.pkl"),
-        "shipped": sorted(objects),
         "params": int(model.count_params()),
     }
     return ref, _model_fingerprint(model, objects)
@@ -835,23 +834,25 @@ def _device_key() -> str:
 def sweep_lengths(
     observed: Mapping[str, Sequence[tuple[int, ...]]], steps: int, *, seed: int = 0
 ) -> list[dict[str, list[int | None]]]:
-    """Padded lengths for a trial's sweep: ``steps`` entries of ``{array: [length or None per axis]}``.
+    """Padded lengths for a trial's sweep: up to ``steps`` entries of ``{array: [length or None per axis]}``.
 
     Args:
-        observed: per packed array, the trial batch's shape first, then the shapes
-            the same array had on other preprocessed batches (a random one, the
-            smallest rows). An axis after the batch axis whose size differs between
-            them is padded; the others are kept (``None``).
-        steps: how many lengths.
+        observed: per packed array, the trial batch's shape first, then its shape on the
+            row where the lengths a run at the trial's batch size meets begin (see
+            ``Prober._typical_shapes``), then its shapes on other preprocessed batches (a
+            random one, the smallest rows). An axis after the batch axis whose size differs
+            between them is padded; the others are kept (``None``).
+        steps: how many lengths at most.
         seed: fixes their order.
 
     Returns:
         One dict per sweep step. On every padded axis the lengths are spread evenly
-        from the shortest typical length (the random batch's, else the smallest one
-        seen) up to, not including, the trial's own, in a shuffled order, and rounded
-        down to a multiple of the lengths seen (so a ``preprocess`` that pads to
-        buckets of 64 is swept over multiples of 64). The same fraction applies to
-        every padded axis of a step, so arrays of equal lengths stay equal.
+        from the second shape's length up to, not including, the trial's own, in a
+        shuffled order, and rounded down to a multiple of the lengths seen (so a
+        ``preprocess`` that pads to buckets of 64 is swept over multiples of 64); each
+        length once. The same fraction applies to every padded axis of a step, so arrays
+        of equal lengths stay equal. No sweep where the second length is the trial's:
+        batches of that size nearly all pad to the longest rows.
     """
     fractions = (np.random.default_rng([seed, 2]).permutation(steps) / max(steps, 1)).tolist()
     spans: dict[str, list[tuple[int, int, int] | None]] = {}
@@ -868,17 +869,19 @@ def sweep_lengths(
         shortest, longest, multiple = span
         return max(multiple, int(shortest + (longest - shortest) * fraction) // multiple * multiple)
 
-    return [{name: [length(span, f) for span in axes] for name, axes in spans.items()} for f in fractions] if spans else []
+    steps_at: dict[str, Any] = {}
+    for f in fractions:  # a length already swept adds nothing a run would not reuse: each once
+        step = {name: [length(span, f) for span in axes] for name, axes in spans.items()}
+        steps_at.setdefault(repr(step), step)
+    return list(steps_at.values()) if spans else []
 
 
 def _sweep_span(seen: Sequence[int]) -> tuple[int, int, int] | None:
     """``(shortest, longest, multiple)`` of one axis's sweep, from its lengths seen (the trial's first, then the
-    random batch's, then the smallest rows'); ``None`` for an axis that never varies."""
-    if len(set(seen)) == 1:
+    typical row's, then the other batches'); ``None`` for an axis that never varies or has nothing to sweep."""
+    if len(set(seen)) == 1 or seen[1] >= seen[0]:
         return None
-    longest = seen[0]
-    shortest = min(seen[1], longest) if seen[1] != longest else min(seen)
-    return shortest, longest, math.gcd(*seen)
+    return seen[1], seen[0], math.gcd(*seen)
 
 
 class Prober:
@@ -1056,14 +1059,36 @@ class Prober:
         sweep: list[dict[str, list[int | None]]] = []
         if self._sweep_steps:
             shapes = self._sample_shapes()
+            typical = self._typical_shapes(batch_size)
             trial = {name: a.shape for name, a in pack_batch(batch.inputs, batch.targets)[0].items()}
-            observed = {name: [shape, *shapes.get(name, ())] for name, shape in trial.items()}
+            observed = {
+                name: [shape, typical.get(name, shape), *shapes.get(name, ())] for name, shape in trial.items()
+            }
             sweep = sweep_lengths(observed, self._sweep_steps, seed=self._seed)
         outcome = self.send_trial(
             batch.inputs, batch.targets, batch_size, rows=rows, what=f"batch {batch_size}",
             shrink="trial_batch_sizes", rss_limit_bytes=rss_limit_bytes, sweep=sweep,
         )
         return StepTrial(batch_size, **outcome)
+
+    def _typical_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
+        """Each packed array's shape on the row that nine in ten batches of ``batch_size`` hold one as large as.
+
+        A batch pads to its largest row, so that row's own padded length is where the lengths a run at this
+        batch size meets begin: at a large batch nearly every batch holds one of the longest rows (and a run
+        meets few shapes), at a small one the lengths spread far down. The row is found by size among the
+        largest rows sampled, else among the random ones.
+        """
+        sample = self.sample()
+        quantile = 0.1 ** (1 / max(batch_size, 1))
+        larger = (1 - quantile) * sample.n_samples  # rows larger than it, in the whole dataset
+        if larger < sample.worst.n_samples:
+            rows = sample.worst.take([min(int(larger), sample.worst.n_samples - 1)])
+        else:
+            order = np.argsort(sample.random.row_nbytes(), kind="stable")
+            rows = sample.random.take([order[min(int(quantile * len(order)), len(order) - 1)]])
+        done = run_preprocess(self._preprocess, InMemoryData(*rows), where=f"a typical row of a batch of {batch_size}")
+        return {name: array.shape for name, array in pack_batch(done.inputs, done.targets)[0].items()}
 
     def _sample_shapes(self, *batches: _Preprocessed) -> dict[str, list[tuple[int, ...]]]:
         """Each packed array's shapes on the random and the smallest sample batches (what the sweep spans).

@@ -11,6 +11,7 @@ import concurrent.futures
 import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -941,8 +942,10 @@ def models(ctx: Context) -> list[Row]:
     fresh process: the plan's predicted peak ÷ the run's measured ``VmHWM``."""
     quick = ctx.sizes is workload.QUICK
     args = ["--rows", "300", "--epochs", "1"] if quick else ["--rows", "2000", "--epochs", "30"]
-    out = subprocess.run([sys.executable, "examples/transformer.py", *args, "--ram-limit", "2GiB"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    with tempfile.TemporaryDirectory() as cache:  # measured afresh, never from an earlier run's cache
+        out = subprocess.run([sys.executable, "examples/transformer.py", *args, "--ram-limit", "2GiB"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=3600,
+                             env={**os.environ, "AUTOBATCH_CACHE_DIR": cache})
     if out.returncode != 0:
         raise RuntimeError(f"examples/transformer.py failed:\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])

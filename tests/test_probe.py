@@ -314,7 +314,7 @@ def test_sweep_spans_the_padded_axes_only_and_keeps_equal_lengths_equal():
     from autobatch.probe import sweep_lengths
 
     observed = {
-        "x.in1": [(900, 497, 1), (32, 200, 1), (32, 10, 1)],  # trial, random, smallest batch
+        "x.in1": [(900, 497, 1), (32, 200, 1), (32, 10, 1)],  # trial, typical row, smallest batch
         "x.in2": [(900, 497, 1), (32, 200, 1), (32, 10, 1)],
         "y": [(900, 1), (32, 1), (32, 1)],
     }
@@ -323,7 +323,7 @@ def test_sweep_spans_the_padded_axes_only_and_keeps_equal_lengths_equal():
     lengths = [step["x.in1"][0] for step in sweep]
     assert all(step["x.in1"][1] is None for step in sweep)  # the feature axis is kept
     assert all(step["x.in1"] == step["x.in2"] for step in sweep)
-    # Evenly from the random batch's length up to, not including, the trial's own, in a shuffled order.
+    # Evenly from the typical row's length up to, not including, the trial's own, in a shuffled order.
     assert sorted(lengths) == [200 + (497 - 200) * j // 8 for j in range(8)] and lengths != sorted(lengths)
     assert sweep == sweep_lengths(observed, 8, seed=0) and sweep != sweep_lengths(observed, 8, seed=1)
 
@@ -333,9 +333,25 @@ def test_sweep_keeps_to_the_multiple_a_bucketing_preprocess_pads_to():
 
     sweep = sweep_lengths({"x.seq": [(64, 512), (32, 192), (32, 64)]}, 16)
     lengths = {step["x.seq"][0] for step in sweep}
-    assert lengths <= {192, 256, 320, 384, 448} and len(lengths) == 5
-    # The random batch already as long as the trial's: the sweep starts from the smallest batch's length.
-    assert min(step["x.seq"][0] for step in sweep_lengths({"x.seq": [(64, 512), (32, 512), (32, 64)]}, 8)) == 64
+    # Each length once: 16 fractions round to 5 multiples of 64, and a shape a run reuses is not swept again.
+    assert len(sweep) == 5 and lengths == {192, 256, 320, 384, 448}
+    # The typical row already as long as the trial's: batches of that size all pad to it, nothing to sweep.
+    assert sweep_lengths({"x.seq": [(64, 512), (1, 512), (32, 64)]}, 8) == []
+
+
+def test_the_sweep_starts_where_batches_of_the_trials_size_begin():
+    # 1,000 rows of lengths 1..1000: nine in ten batches of b rows hold one longer than the 0.1 ** (1 / b) quantile.
+    frame = pd.DataFrame({"seq": [np.ones(n, np.float32) for n in range(1, 1001)], "label": np.zeros(1000)})
+
+    def pad(x, y):
+        return autobatch.pad_sequences_batch(list(x["seq"])), y.to_numpy()
+
+    prober = Prober(frame, "label", preprocess=pad, sample_batch_size=64)
+    starts = {b: prober._typical_shapes(b)["x"][1] for b in (2, 8, 64, 512)}
+    for b, start in starts.items():
+        q = 0.1 ** (1 / b)
+        assert abs(start - 1000 * q) <= 3000 * (q * (1 - q) / 64) ** 0.5 + 2, starts  # a 64-row sample's quantile
+    assert starts[2] < starts[8] < starts[64] < starts[512] and starts[512] >= 995
 
 
 def test_no_sweep_without_padded_axes_or_steps():
