@@ -889,6 +889,9 @@ class Prober:
 
     Use as a context manager: the model's child process stays alive between
     :meth:`measure` and any :meth:`confirm` trials, so TensorFlow loads once.
+    ``model_builder`` (a zero-argument function or ``"module:function"``) builds the
+    child's copy of ``model`` instead of sending it; ``probe="in_process"`` runs the
+    trials on ``model`` in this process, unguarded (see :func:`autobatch.fit`).
 
     Example:
         >>> with Prober(df, "label", preprocess=pad, model=model) as prober:
