@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any, TextIO
 
 from autobatch._memory import is_oom_error, peak_rss_bytes, reset_peak_rss, rss_bytes
@@ -83,10 +84,10 @@ def _load(message: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     adopt_path(message.get("sys_path") or [])  # the caller's modules are importable here too
     ref = message["model"]
     if ref["kind"] == "file":
-        objects = loads(open(ref["custom_objects"], "rb").read()) if ref.get("custom_objects") else None
+        objects = loads(Path(ref["custom_objects"]).read_bytes()) if ref.get("custom_objects") else None
         model = _load_file(ref["path"], objects)
     elif ref["kind"] == "builder":
-        model = loads(open(ref["path"], "rb").read())()
+        model = loads(Path(ref["path"]).read_bytes())()
     else:
         from autobatch._loading import resolve_callable
 
@@ -145,11 +146,9 @@ def _load_file(path: str, objects: dict[str, Any] | None) -> Any:
 
     A subclassed model whose layers are made in ``__init__`` but built only by a call cannot take its weights
     from the file as is: it is rebuilt from its config, called once on zeros of the shape it was built with,
-    then given the file's weights and its compile config.
+    then given the caller's weights (``weights.npz`` beside the file) and its compile config.
     """
-    import json
     import zipfile
-    from pathlib import Path
 
     import keras
     import numpy as np
@@ -195,7 +194,6 @@ def _hold_shard(path: str) -> Any:
     arena, one shard of rows) into every trial's measurement.
     """
     from concurrent.futures import ThreadPoolExecutor
-    from pathlib import Path
 
     from autobatch._data import read_shard
 
@@ -221,8 +219,6 @@ class _ReadAhead:
         self._thread = threading.Thread(target=self._run, name="autobatch-trial-reader", daemon=True)
 
     def _run(self) -> None:
-        from pathlib import Path
-
         from autobatch._data import read_shard
 
         latest = None

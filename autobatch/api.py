@@ -80,8 +80,9 @@ def confirm_plan(
             cap = max((max(fitting, default=0) + failed) // 2, 1)
         chosen = planned(result, cap)
         host = chosen.budget("host")
-        fits = [t for t in result.trials if within(t)]
-        over = [t for t in result.trials if t.fits and t.peak_rss_bytes is not None and not within(t)]
+        inside = [(t, within(t)) for t in result.trials]
+        fits = [t for t, ok in inside if ok]
+        over = [t for t, ok in inside if t.fits and t.peak_rss_bytes is not None and not ok]
         lo = max(fits, key=lambda t: t.batch_size, default=None)
         hi = min((t for t in over if lo is None or t.batch_size > lo.batch_size), key=lambda t: t.batch_size, default=None)
         if host is None or (chosen.confirmed and (hi is None or lo is None or chosen.batch_size >= lo.batch_size)):

@@ -21,6 +21,7 @@ one more real trial at the chosen size.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -35,7 +36,7 @@ import tempfile
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -763,16 +764,10 @@ def _model_ref(model: Any, workdir: Path) -> tuple[dict[str, Any], str]:
             f"model {model.name!r} is not compiled: call model.compile(optimizer=..., loss=...) before probing."
         )
     path = workdir / "model.keras"
-    try:
+    with _sending(f"model {model.name!r}", _WAYS_OUT):
         model.save(path)
         objects = custom_objects(model)
-        shipped = dumps(objects)
-    except Exception as exc:
-        raise ModelError(
-            f"cannot send model {model.name!r} to the probe's child process: {type(exc).__name__}: {exc}. "
-            f"{_WAYS_OUT}"
-        ) from exc
-    (workdir / "custom_objects.pkl").write_bytes(shipped)
+        (workdir / "custom_objects.pkl").write_bytes(dumps(objects))
     if not any(c.__name__ in ("Functional", "Sequential") for c in type(model).__mro__):
         # A subclassed model may have to be rebuilt by a call in the child, then given these weights.
         np.savez(workdir / "weights.npz", **{f"w{i}": w for i, w in enumerate(model.get_weights())})
@@ -805,16 +800,21 @@ _WAYS_OUT = (
 )
 
 
-def _builder_ref(builder: Callable[[], Any], workdir: Path) -> tuple[dict[str, Any], str]:
-    """A zero-argument function that builds and compiles the model, pickled for the child."""
+@contextlib.contextmanager
+def _sending(what: str, ways_out: str) -> Iterator[None]:
+    """Any failure inside, as a :class:`ModelError` saying ``what`` could not reach the child and the ways out."""
     try:
-        shipped = dumps(builder)
+        yield
     except Exception as exc:
         raise ModelError(
-            f"cannot send the model builder {describe(builder)} to the probe's child process: "
-            f"{type(exc).__name__}: {exc}. Pass it as 'module:function' instead."
+            f"cannot send {what} to the probe's child process: {type(exc).__name__}: {exc}. {ways_out}"
         ) from exc
-    (workdir / "builder.pkl").write_bytes(shipped)
+
+
+def _builder_ref(builder: Callable[[], Any], workdir: Path) -> tuple[dict[str, Any], str]:
+    """A zero-argument function that builds and compiles the model, pickled for the child."""
+    with _sending(f"the model builder {describe(builder)}", "Pass it as 'module:function' instead."):
+        (workdir / "builder.pkl").write_bytes(dumps(builder))
     return {"kind": "builder", "path": str(workdir / "builder.pkl")}, callable_fingerprint(builder)
 
 
