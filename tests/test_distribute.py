@@ -368,7 +368,9 @@ def test_two_workers_agree_on_the_batch_the_smaller_ram_limit_allows_and_share_e
     assert own == second["own_limits"] and own["0"] > own["1"] == first["per_replica_batch_size"]
     assert first["limiting_worker"] == second["limiting_worker"] == 1
     assert "worker 1" in first["limited_by"] and "worker 1" in first["explanation"].split(".")[0]
-    assert second["confirmed"] and "limited by max_batch_size" not in second["explanation"]  # its own memory, confirmed by a trial
+    # Its own memory: confirmed by a trial at or above the batch, or interpolated between two real trials around it.
+    assert second["confirmed"] or "interpolated between real trials" in second["explanation"]
+    assert "limited by max_batch_size" not in second["explanation"]
     # The same number of steps on both, and across the workers every sample exactly once in the epoch.
     assert first["keras_steps"] == second["keras_steps"] == first["steps_per_epoch"] == first["steps_trained"]
     consumed = [i for result in results for call in result["consumed"] for i in call]
