@@ -18,6 +18,8 @@ each replica's own device:
 The pure parts (:func:`replica_limits`, :func:`agree`, :func:`distribute_plan`) take
 plain numbers; only :func:`strategy_layout`, :func:`all_gather_rows` and
 :func:`gather_summaries` touch TensorFlow, and only when a strategy is in use.
+The results a plan holds (:class:`ReplicaLimit`, :class:`Distribution`) live in
+:mod:`autobatch._replicas`, below the plan, and are re-exported here.
 """
 
 from __future__ import annotations
@@ -31,10 +33,29 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from autobatch._memory import Budget, gpu_budget
+from autobatch._replicas import Distribution, ReplicaLimit
 from autobatch._units import format_bytes
 from autobatch.errors import ConfigError
 from autobatch.plan import Plan, make_plan
-from autobatch.probe import ProbeResult
+from autobatch._result import ProbeResult
+
+__all__ = [
+    "ClusterSummary",
+    "Distribution",
+    "Layout",
+    "ReplicaLimit",
+    "WorkerMemory",
+    "agree",
+    "all_gather_rows",
+    "current_strategy",
+    "device_gpu_budgets",
+    "distribute_plan",
+    "gather_limits",
+    "gather_summaries",
+    "gpu_memory_preallocated",
+    "replica_limits",
+    "strategy_layout",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -65,66 +86,6 @@ class Layout:
     def num_replicas_in_sync(self) -> int:
         """Replicas stepping together across all workers."""
         return self.num_workers * self.local_replicas
-
-
-@dataclasses.dataclass(frozen=True)
-class ReplicaLimit:
-    """The largest per-replica batch one replica's own budgets allow."""
-
-    worker: int
-    """The worker it runs on."""
-    replica: int
-    """Its replica id in the sync group (``worker × local replicas + local index``)."""
-    max_batch_size: int
-    limited_by: str
-    """``"host"``, ``"gpu"``, ``"dataset"``, ``"max_batch_size"`` or ``"trial"`` (a real trial ran out of memory)."""
-    budget_bytes: int
-    """The limit of the binding budget (0 when no memory budget binds)."""
-
-    def describe(self) -> str:
-        what = f"{self.limited_by} memory {format_bytes(self.budget_bytes)}" if self.budget_bytes else self.limited_by
-        return f"worker {self.worker} (replica {self.replica}, {what}): at most {self.max_batch_size:,} per replica"
-
-
-@dataclasses.dataclass(frozen=True)
-class Distribution:
-    """How a plan is split over the replicas of a ``tf.distribute`` strategy."""
-
-    strategy: str
-    num_workers: int
-    worker_index: int
-    """The worker this plan was made on."""
-    num_replicas_in_sync: int
-    per_replica_batch_size: int
-    """The batch each replica trains on per step (``plan.batch_size``)."""
-    replica_limits: tuple[ReplicaLimit, ...]
-    """Every replica's own largest safe batch, as gathered from all workers."""
-    limiting: ReplicaLimit
-    """The replica (and so the worker) whose budget set the shared batch."""
-
-    @property
-    def global_batch_size(self) -> int:
-        """Samples per step across all replicas: ``per_replica_batch_size × num_replicas_in_sync``."""
-        return self.per_replica_batch_size * self.num_replicas_in_sync
-
-    @property
-    def limiting_worker(self) -> int:
-        """The worker whose budget set the shared per-replica batch."""
-        return self.limiting.worker
-
-    def describe(self) -> str:
-        others = sorted({(r.worker, r.max_batch_size) for r in self.replica_limits if r.worker != self.limiting.worker})
-        tail = "".join(f"; worker {w} alone would allow {b:,}" for w, b in others[:4])
-        return (
-            f"{self.strategy}: {self.per_replica_batch_size:,} per replica × {self.num_replicas_in_sync} replica(s) "
-            f"on {self.num_workers} worker(s) = global batch {self.global_batch_size:,}; the limit is set by "
-            f"{self.limiting.describe()}{tail}"
-        )
-
-    def __rich__(self) -> Any:
-        from rich.text import Text
-
-        return Text(self.describe(), style="cyan")
 
 
 # --------------------------------------------------------------------------- the strategy
@@ -452,7 +413,7 @@ class ClusterSummary:
 
 
 def gather_summaries(strategy: Any, layout: Layout, summary: Any) -> ClusterSummary:
-    """Exchange each worker's :class:`~autobatch.MonitorSummary` so every worker (and the chief) holds all of them."""
+    """Exchange each worker's :class:`~autobatch.monitor.MonitorSummary` so every worker (and the chief) holds all of them."""
     missing = -1
     row = [
         layout.worker_index,

@@ -197,7 +197,7 @@ def shard_lengths(
     """
     from pathlib import Path
 
-    from autobatch._data import read_shard, shard_format
+    from autobatch._shard_files import read_shard, shard_format
 
     names = [] if target is None else ([target] if isinstance(target, str) else list(target))
     out: list[np.ndarray] = []

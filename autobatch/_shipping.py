@@ -5,19 +5,35 @@ user's own that its config names (custom layers, a ``keras.Model`` subclass with
 losses, metrics, activations): objects from ``__main__``, a notebook or a module of the user's travel by
 value, library objects by reference. The child sees the caller's ``sys.path`` and working directory and
 loads the file with those objects as ``custom_objects``. A zero-argument builder travels the same way.
+:func:`model_ref` says which of those the child gets (a file, a builder, a ``"module:function"``) and
+fingerprints the model for the probe cache.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import sys
 import sysconfig
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from autobatch._loading import callable_fingerprint, is_callable_spec, spec_fingerprint
+from autobatch.errors import ModelError
+
 LIBRARY_PREFIXES = ("keras", "tensorflow", "tf_keras", "numpy", "builtins")
 """Modules whose objects Keras (or Python) resolves by itself: never shipped."""
+
+WAYS_OUT = (
+    "Two ways out: register each custom class or function with @keras.saving.register_keras_serializable() "
+    "(and give classes whose __init__ takes more than plain values a get_config()), or pass a builder "
+    "(model_builder='module:function' or a zero-argument function that builds and compiles the model). "
+    "probe='in_process' measures in this process instead, where an out-of-memory trial kills it."
+)
+"""What a model that cannot travel as it is can do instead (said by every error about it)."""
 
 
 def _library_roots() -> list[Path]:
@@ -159,3 +175,89 @@ def adopt_path(entries: list[str]) -> None:
 
 def describe(obj: Callable[..., Any] | type) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def model_ref(model: Any, workdir: Path) -> tuple[dict[str, Any], str]:
+    """How the child loads the model, and a fingerprint of its architecture.
+
+    Args:
+        model: a compiled ``keras.Model`` (saved into ``workdir`` with its custom objects), a ``.keras``
+            file, ``"module:function"`` or a zero-argument function that builds and compiles one.
+        workdir: where the files the child reads are written.
+
+    Returns:
+        The reference the child's ``load`` command carries, and the fingerprint.
+
+    Raises:
+        ModelError: no such file, not a model, not compiled, or the model cannot be saved or pickled.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        text = str(model)
+        if is_callable_spec(text):
+            return {"kind": "callable", "spec": text}, spec_fingerprint(text)
+        path = Path(text)
+        if not path.is_file():
+            raise ModelError(f"model file {text!r} does not exist. Pass a .keras file, 'module:function' or a model.")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        return {"kind": "file", "path": str(path.resolve())}, digest
+    import keras
+
+    if callable(model) and not isinstance(model, keras.Model):
+        return _builder_ref(model, workdir)
+    if not isinstance(model, keras.Model):
+        raise ModelError(
+            "`model` must be a keras.Model, a .keras path, 'module:function' or a zero-argument function that "
+            f"builds and compiles one. Received: {type(model)}"
+        )
+    if not getattr(model, "compiled", False) or model.optimizer is None:
+        raise ModelError(
+            f"model {model.name!r} is not compiled: call model.compile(optimizer=..., loss=...) before probing."
+        )
+    import numpy as np
+
+    path = workdir / "model.keras"
+    with _sending(f"model {model.name!r}", WAYS_OUT):
+        model.save(path)
+        objects = custom_objects(model)
+        (workdir / "custom_objects.pkl").write_bytes(dumps(objects))
+    if not any(c.__name__ in ("Functional", "Sequential") for c in type(model).__mro__):
+        # A subclassed model may have to be rebuilt by a call in the child, then given these weights.
+        np.savez(workdir / "weights.npz", **{f"w{i}": w for i, w in enumerate(model.get_weights())})
+    ref = {
+        "kind": "file",
+        "path": str(path),
+        "custom_objects": str(workdir / "custom_objects.pkl"),
+        "params": int(model.count_params()),
+    }
+    return ref, model_fingerprint(model, objects)
+
+
+def model_fingerprint(model: Any, objects: Mapping[str, Any] | None = None) -> str:
+    """The architecture, compile settings and custom code of a live model, for the cache key."""
+    try:
+        config = json.dumps([model.to_json(), model.get_compile_config()], sort_keys=True, default=str)
+    except Exception:  # noqa: BLE001 (a config that cannot be made: the class and its size stand for it)
+        config = f"{describe(type(model))}:{model.count_params()}"
+    digest = hashlib.sha256(config.encode())
+    for name, obj in sorted((objects if objects is not None else custom_objects(model)).items()):
+        digest.update(f"{name}={callable_fingerprint(obj)}".encode())  # the custom code is part of the architecture
+    return digest.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _sending(what: str, ways_out: str) -> Iterator[None]:
+    """Any failure inside, as a :class:`ModelError` saying ``what`` could not reach the child and the ways out."""
+    try:
+        yield
+    except Exception as exc:
+        raise ModelError(
+            f"cannot send {what} to the probe's child process: {type(exc).__name__}: {exc}. {ways_out}"
+        ) from exc
+
+
+def _builder_ref(builder: Callable[[], Any], workdir: Path) -> tuple[dict[str, Any], str]:
+    """A zero-argument function that builds and compiles the model, pickled for the child."""
+    with _sending(f"the model builder {describe(builder)}", "Pass it as 'module:function' instead."):
+        (workdir / "builder.pkl").write_bytes(dumps(builder))
+    return {"kind": "builder", "path": str(workdir / "builder.pkl")}, callable_fingerprint(builder)
+

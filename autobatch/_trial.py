@@ -1,9 +1,11 @@
-"""The probe's child process: load the model once, then run real training steps on request.
+"""The probe's trials: load the model once, then run real training steps on request.
 
-Run as ``python -m autobatch._trial``. It reads one JSON command per line on
-stdin and answers one line ``@@autobatch {json}`` per command on stdout, so an
-out-of-memory kill here can never take the caller down with it. Anything
-TensorFlow prints goes to stderr.
+:func:`serve` is the trial loop of the probe's child process (``python -m autobatch._child_main``,
+which adds what the training process feeds the model with to the baseline). It reads one JSON
+command per line on stdin and answers one line ``@@autobatch {json}`` per command on stdout
+(:mod:`autobatch._wire`), so an out-of-memory kill here can never take the caller down with it.
+Anything TensorFlow prints goes to stderr. :func:`session` and :func:`trial` also run in the
+caller's own process for ``probe="in_process"``.
 """
 
 from __future__ import annotations
@@ -14,63 +16,24 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
 from autobatch._memory import is_oom_error, peak_rss_bytes, reset_peak_rss, rss_bytes
 from autobatch._tfdata import prefetched
+from autobatch._wire import reply_line, sliced_to, unpack_batch
 
-REPLY_PREFIX = "@@autobatch "
-
-
-def pack_batch(inputs: Any, targets: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Flatten (inputs, targets) into named arrays plus a JSON-able structure description."""
-    import numpy as np
-
-    arrays: dict[str, Any] = {}
-
-    def flatten(value: Any, prefix: str) -> Any:
-        if value is None:
-            return {"type": "none"}
-        if isinstance(value, dict):
-            return {"type": "dict", "items": {str(k): flatten(v, f"{prefix}.{k}") for k, v in value.items()}}
-        if isinstance(value, (tuple, list)):
-            return {"type": "tuple", "items": [flatten(v, f"{prefix}.{i}") for i, v in enumerate(value)]}
-        arrays[prefix] = np.asarray(value)
-        return {"type": "array", "name": prefix}
-
-    structure = {"x": flatten(inputs, "x"), "y": flatten(targets, "y")}
-    return arrays, structure
-
-
-def unpack_batch(arrays: Any, structure: dict[str, Any]) -> tuple[Any, Any]:
-    def build(node: dict[str, Any]) -> Any:
-        kind = node["type"]
-        if kind == "none":
-            return None
-        if kind == "dict":
-            return {k: build(v) for k, v in node["items"].items()}
-        if kind == "tuple":
-            return tuple(build(v) for v in node["items"])
-        return arrays[node["name"]]
-
-    return build(structure["x"]), build(structure["y"])
-
-
-def sliced_to(arrays: dict[str, Any], lengths: dict[str, list[int | None]]) -> dict[str, Any]:
-    """``arrays`` cut to ``lengths`` (per array, one entry per axis after the batch axis; ``None`` keeps it)."""
-    out = dict(arrays)
-    for name, axes in lengths.items():
-        out[name] = arrays[name][(slice(None), *(slice(None) if k is None else slice(0, k) for k in axes))]
-    return out
+Preload = Callable[[], object]
+"""Imports what the training process holds besides TensorFlow and the model, before the baseline is measured."""
 
 
 def _send(out: TextIO, message: dict[str, Any]) -> None:
-    out.write(REPLY_PREFIX + json.dumps(message) + "\n")
+    out.write(reply_line(message))
     out.flush()
 
 
-def _load(message: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+def _load(message: dict[str, Any], preload: Preload | None) -> tuple[Any, dict[str, Any]]:
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -96,11 +59,19 @@ def _load(message: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         raise TypeError(f"the model reference {ref} did not give a keras.Model, but {type(model)}")
     if not getattr(model, "compiled", False) or model.optimizer is None:
         raise ValueError("the model is not compiled: call model.compile(optimizer=..., loss=...) before probing")
-    return session(model, message.get("shard"), gpu=bool(gpus))
+    return session(model, message.get("shard"), gpu=bool(gpus), preload=preload)
 
 
-def session(model: Any, shard: str | None, *, gpu: bool) -> tuple[tuple[Any, Any], dict[str, Any]]:
+def session(
+    model: Any, shard: str | None, *, gpu: bool, preload: Preload | None = None
+) -> tuple[tuple[Any, Any], dict[str, Any]]:
     """Ready a loaded model for trials in this process: its baseline RSS, and the shard held as streaming holds one.
+
+    Args:
+        model: the compiled ``keras.Model``, loaded.
+        shard: the shard streaming holds (the largest), or ``None``.
+        gpu: whether the trials run on ``GPU:0``.
+        preload: imports the libraries the training process feeds the model with, before the baseline.
 
     Returns:
         ``(model, held shard)`` and the info the caller gets (device, baseline, parameters, ...).
@@ -109,9 +80,8 @@ def session(model: Any, shard: str | None, *, gpu: bool) -> tuple[tuple[Any, Any
 
     # The trials' growth is measured above this: TensorFlow's runtime, the model and the libraries the training
     # process feeds it with (autobatch's feeds, pandas, Arrow), before any step or shard.
-    import autobatch.feeds  # noqa: F401
-    import pyarrow.parquet  # noqa: F401
-
+    if preload is not None:
+        preload()
     gc.collect()
     baseline = rss_bytes()
     held, read_peak = None, None
@@ -195,7 +165,7 @@ def _hold_shard(path: str) -> Any:
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from autobatch._data import read_shard
+    from autobatch._shard_files import read_shard
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(read_shard, Path(path)).result()
@@ -219,7 +189,7 @@ class _ReadAhead:
         self._thread = threading.Thread(target=self._run, name="autobatch-trial-reader", daemon=True)
 
     def _run(self) -> None:
-        from autobatch._data import read_shard
+        from autobatch._shard_files import read_shard
 
         latest = None
         try:
@@ -328,7 +298,12 @@ def error_reply(exc: Exception) -> dict[str, Any]:
     }
 
 
-def main() -> None:
+def serve(preload: Preload | None = None) -> None:
+    """Answer the probe's commands on stdin until ``exit`` or end of input (the child process's loop).
+
+    Args:
+        preload: passed to :func:`session` when the model is loaded.
+    """
     # Keep the real stdout for replies; anything else printed goes to stderr.
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
@@ -347,7 +322,7 @@ def main() -> None:
             if message["cmd"] == "exit":
                 break
             if message["cmd"] == "load":
-                (model, _held), info = _load(message)
+                (model, _held), info = _load(message, preload)
                 gpu = info["gpu"]
                 shard = message.get("shard") or None
                 _send(out, info)
@@ -357,7 +332,3 @@ def main() -> None:
                 _send(out, {"ok": False, "error": f"unknown command {message['cmd']!r}"})
         except Exception as exc:
             _send(out, error_reply(exc))
-
-
-if __name__ == "__main__":
-    main()

@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from rich.console import Console
 from rich.text import Text
 
-from autobatch import __version__
-from autobatch.api import plan
-from autobatch.errors import AutobatchError
+from autobatch import AutobatchError, __version__, plan, plan_size_aware
+from autobatch._child import QUIET_TF_LOG_LEVEL
 
 
 def _positive_int(text: str) -> int:
@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--sequence-columns", type=_names, help="with --size-aware: the sequence columns (default: detected)"
     )
     probe.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    probe.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    probe.add_argument(
+        "--debug", action="store_true", help="show tracebacks, debug logs and TensorFlow's C++ start-up logging"
+    )
     report = commands.add_parser(
         "report",
         help="summarise a MemoryMonitor log (log_path=...) and plot it",
@@ -110,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _report(args: argparse.Namespace, console: Console) -> int:
-    from autobatch.monitor import plot_log, summary_from_log
+    from autobatch._readings import plot_log, summary_from_log
 
     try:
         summary, records, header = summary_from_log(args.log)
@@ -130,9 +132,18 @@ def _report(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _tensorflow_logging(debug: bool) -> None:
+    # TensorFlow reads the level once, as it loads: set it before this process or a probe child imports it.
+    if debug:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    else:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", QUIET_TF_LOG_LEVEL)
+
+
 def main(argv: Sequence[str] | None = None, *, console: Console | None = None) -> int:
     """Run the CLI; returns (and exits with) 0 on success, 1 on an autobatch error, 2 on a usage error."""
     args = build_parser().parse_args(argv)
+    _tensorflow_logging(getattr(args, "debug", False))
     console = console or Console()
     if args.command == "report":
         return _exit(_report(args, console), argv)
@@ -182,8 +193,6 @@ def main(argv: Sequence[str] | None = None, *, console: Console | None = None) -
 
 
 def _size_aware(args: argparse.Namespace, target: object, probe_options: dict[str, object], console: Console) -> int:
-    from autobatch.api import plan_size_aware
-
     options = dict(probe_options)
     options.pop("trial_batch_sizes", None)
     if args.trial_batch_sizes:

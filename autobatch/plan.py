@@ -2,81 +2,74 @@
 
 Pure functions over plain numbers: no TensorFlow, no reading of system state
 (the budgets are passed in), so every choice is testable with made-up numbers.
+The predicted peak at batch ``b`` is a sum of named lines ``a + s·b`` (the fixed
+part, the step, the data held, the queue, preprocessing; on a GPU the fitted
+device peak), with one safety margin on what training adds: see
+:mod:`autobatch._peak_lines`. Size-aware plans (one batch per length bucket) are
+in :mod:`autobatch.bucket_plan`, re-exported here.
 
-The predicted peak of the training process at batch ``b`` on the host is::
-
-    fixed            the training process's RSS now, measured in it (TensorFlow's
-                     runtime, the model, what it holds); where that process is not
-                     known (the CLI), the probe child's runtime + model stands for it
-  + step(b)          what a real training step added above the child's baseline
-                     (first-step tracing, optimizer state, one batch, activations),
-                     fitted as a + s·b and shifted above every measured point
-  + data held        the whole raw dataset (unless the process holds it already)
-                     or the shards being read
-  + queue(b)         batches waiting in the feed's queue, at worst-case size
-  + preprocess(b)    the transient peak of preprocessing the next batch
-
-and on a GPU the fitted device peak of a real step.
-
-One margin rule: ``safety`` × what training adds on top of what is held now (the
-step's growth, the queue, preprocessing and the shards being read). The fixed part
-is measured and the dataset, export copy and accumulators are counted exactly, so
-they get none, and a tight budget is not spent on a margin for memory that cannot move.
+The plan does not build its feed (feeds are a later stage):
+``autobatch.feeds.make_feed(x, y, plan=plan)`` does.
 """
 
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 from autobatch._memory import Budget
-from autobatch._units import format_bytes
-from autobatch.errors import BudgetError, ConfigError
-from autobatch.probe import ProbeResult, StepCurve
-
-if TYPE_CHECKING:
-    from autobatch._distribute import Distribution
-
-Strategy = Literal["in_memory", "stream"]
-
-PROCESS_PART = "this process"
-"""The measured RSS of the process that will train (less the dataset, a part of its own)."""
-CHILD_BASELINE_PART = "runtime + model (probe child)"
-"""The probe child's runtime + model, standing for a training process that autobatch does not run (the CLI)."""
-DEVICE_PART = "model + runtime on the device"
-"""The intercept of a GPU's fitted step line: what the device holds at any batch, measured by every trial."""
-_EXACT_PARTS = frozenset(
-    {PROCESS_PART, CHILD_BASELINE_PART, DEVICE_PART, "dataset", "gradient accumulators", "tf.data copy"}
+from autobatch._peak_lines import (
+    CHILD_BASELINE_PART,
+    DEFAULT_SAFETY,
+    DEVICE_PART,
+    PROCESS_PART,
+    BudgetUse,
+    Margin,
+    Piece,
+    Strategy,
+    budget_use,
+    host_pieces,
+    host_terms,
+    piece_at,
+    pieces_allowed,
 )
-"""Parts measured or counted exactly, which get no safety margin."""
+from autobatch._plan_render import as_text, budget_line, peak_table, plan_view
+from autobatch._replicas import Distribution
+from autobatch._units import format_bytes
+from autobatch.bucket_plan import Bucket, BucketPlan, bucket_boundaries, expected_batch_max, make_bucket_plan
+from autobatch.errors import BudgetError, ConfigError
+from autobatch._result import ProbeResult
+
+__all__ = [
+    "CHILD_BASELINE_PART",
+    "DEFAULT_SAFETY",
+    "DEVICE_PART",
+    "FEW_STEPS",
+    "PROCESS_PART",
+    "Bucket",
+    "BucketPlan",
+    "BudgetUse",
+    "Plan",
+    "Strategy",
+    "bucket_boundaries",
+    "expected_batch_max",
+    "make_bucket_plan",
+    "make_plan",
+]
+
 FEW_STEPS = 10
 """A plan leaving fewer optimizer steps per epoch than this says so: that few updates can starve training."""
 
 
 @dataclasses.dataclass(frozen=True)
-class BudgetUse:
-    """How one budget is used at the planned batch size."""
-
-    budget: Budget
-    usable_bytes: int
-    """The budget less the safety margin at the planned batch size."""
-    margin_bytes: int
-    """The safety margin at the planned batch size: ``safety`` × the predicted (not measured) part of the peak."""
-    predicted_peak_bytes: int
-    """Predicted peak at the planned batch size."""
-    components: tuple[tuple[str, int], ...]
-    """The predicted peak split into its parts (name, bytes)."""
-    max_batch_size: int | None
-    """The largest batch this budget alone allows (``None``: unbounded by it)."""
-
-
-@dataclasses.dataclass(frozen=True)
 class Plan:
-    """The chosen batch size and feed strategy, with the predicted peaks and why."""
+    """The chosen batch size and feed strategy, with the predicted peaks and why.
+
+    ``autobatch.feeds.make_feed(x, y, plan=plan)`` builds the feed it was made for.
+    """
 
     batch_size: int
     strategy: Strategy
@@ -129,119 +122,45 @@ class Plan:
         return data
 
     def __rich__(self) -> Any:
-        from rich.console import Group
-        from rich.table import Table
         from rich.text import Text
 
-        table = Table(title="autobatch plan", header_style="bold")
-        table.add_column("budget")
-        table.add_column("limit", justify="right")
-        table.add_column("usable", justify="right")
-        table.add_column("predicted peak", justify="right")
-        table.add_column("of which", style="dim")
-        table.add_column("max batch", justify="right")
-        for use in self.budgets:
-            parts = ", ".join(f"{name} {format_bytes(value)}" for name, value in use.components)
-            table.add_row(
-                f"{use.budget.kind} ({use.budget.source})",
-                format_bytes(use.budget.limit_bytes),
-                format_bytes(use.usable_bytes),
-                format_bytes(use.predicted_peak_bytes),
-                parts,
-                "∞" if use.max_batch_size is None else f"{use.max_batch_size:,}",
+        per_replica = " per replica" if self.distribution is not None else ""
+        accumulation = (
+            f" × {self.gradient_accumulation_steps} accumulation steps = {self.effective_batch_size:,} per update"
+            if self.gradient_accumulation_steps > 1
+            else ""
+        )
+        header = [
+            Text.assemble(
+                ("autobatch plan", "bold"),
+                "  batch_size ",
+                (f"{self.batch_size:,}", "bold green"),
+                per_replica,
+                accumulation,
+            ),
+            Text(f"strategy {self.strategy}, {self.steps_per_epoch:,} steps/epoch over {self.n_samples:,} samples"),
+        ]
+        if self.distribution is not None:
+            split = self.distribution
+            header.append(
+                Text(
+                    f"{split.strategy}: {split.num_replicas_in_sync} replica(s) on {split.num_workers} worker(s), "
+                    f"global batch {split.global_batch_size:,}",
+                    style="cyan",
+                )
             )
-        confirmed = (
-            f"confirmed by a real training trial on the worst-case batch of {self.confirmed_batch_size}: "
+        header += [budget_line(use) for use in self.budgets]
+        header.append(Text.assemble(("limited by ", "bold"), self.limited_by))
+        note = (
+            f"confirmed by a real training trial on the worst-case batch of {self.confirmed_batch_size:,}: "
             f"measured step peak plus data and queue = {format_bytes(self.measured_peak_bytes)}"
             if self.confirmed
             else "not confirmed by a trial at this size"
         )
-        header = Text.assemble(
-            ("batch_size ", "bold"),
-            (f"{self.batch_size:,}", "bold green"),
-            (
-                f" × {self.gradient_accumulation_steps} accumulation steps = {self.effective_batch_size:,} per update"
-                if self.gradient_accumulation_steps > 1
-                else ""
-            ),
-            f"   strategy {self.strategy}   {self.steps_per_epoch:,} steps/epoch over {self.n_samples:,} samples",
-        )
-        parts = [header, table, Text(self.explanation), Text(confirmed, style="dim")]
-        if self.distribution is not None:
-            parts.insert(1, self.distribution)
-        return Group(*parts)
+        return plan_view(header, peak_table(self.budgets), self.explanation, note)
 
     def __str__(self) -> str:
-        return _as_text(self)
-
-    def feed(
-        self,
-        data: Any,
-        targets: Any = None,
-        *,
-        preprocess: Any = None,
-        shuffle: bool = True,
-        seed: int = 0,
-        validation_split: float | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """The feed for this plan: its strategy, batch size and queue depth.
-
-        Args:
-            data: the data the plan was made for (in memory, or shard files).
-            targets: targets or target column name(s).
-            preprocess: the same ``preprocess`` the probe measured.
-            shuffle: reshuffle every epoch.
-            seed: seed of the shuffle and the validation split.
-            validation_split: hold out this fraction (rows in memory, whole shards
-                when streaming) and return ``(train, validation)``.
-            **kwargs: passed to :func:`autobatch.feeds.make_feed`.
-
-        Returns:
-            An :class:`~autobatch.feeds.InMemoryFeed` or :class:`~autobatch.feeds.ShardFeed`,
-            or ``(train_feed, validation_feed)`` with ``validation_split``. Every
-            batch is checked against the probe's output signature.
-
-        Example:
-            >>> train, val = plan.feed("data/csv", "label", preprocess=pad, validation_split=0.1)
-            >>> model.fit(train, validation_data=val, epochs=3, shuffle=False)
-        """
-        import warnings
-
-        from autobatch.feeds import make_feed  # feeds are a later stage than the plan
-
-        queue = max(self.queue_batches, 1)
-        waiting = kwargs.get("max_queue_size", queue) * max(kwargs.get("workers", 1), 1)
-        if waiting > queue:
-            warnings.warn(
-                f"the plan budgets {self.queue_batches} waiting batch(es), but max_queue_size × workers = {waiting}: "
-                f"memory may exceed the prediction. Plan with queue_batches={waiting} instead.",
-                stacklevel=2,
-            )
-        kwargs.setdefault("max_queue_size", queue)
-        kwargs.setdefault("output_signature", self.probe.output_signature)
-        worst_batch_bytes = math.ceil(self.probe.worst_preprocessed_bytes_per_sample * self.batch_size)
-        kwargs.setdefault("max_batch_bytes", worst_batch_bytes)
-        return make_feed(
-            data,
-            targets,
-            batch_size=self.batch_size,
-            strategy=self.strategy,
-            preprocess=preprocess,
-            shuffle=shuffle,
-            seed=seed,
-            validation_split=validation_split,
-            **kwargs,
-        )
-
-
-def _as_text(renderable: Any) -> str:
-    """What ``renderable`` prints as plain text, 120 columns wide."""
-    from rich.console import Console
-
-    console = Console(width=120, record=True, file=io.StringIO())
-    console.print(renderable)
-    return console.export_text()
+        return as_text(self)
 
 
 def _split_target(target: int, fits: int) -> tuple[int, int]:
@@ -252,152 +171,6 @@ def _split_target(target: int, fits: int) -> tuple[int, int]:
             return steps, target // steps
     return least, math.ceil(target / least)
 
-
-def _max_batch(intercept: float, slope: float, usable: float) -> int | None:
-    if slope <= 0:
-        return None if intercept <= usable else 0
-    return max(int(math.floor((usable - intercept) / slope)), 0)
-
-
-Part = tuple[str, float, float]
-"""One named part of a peak line: (name, bytes, bytes per sample)."""
-
-
-DEFAULT_SAFETY = 0.1
-"""The default ``safety``: 10% of what training adds. It covers what a long run adds beyond the trials' sweep of
-padded lengths (peaks up to 1.2% above the prediction, ~4% of the growth, over 30-epoch runs) and the trials'
-scatter (BENCHMARKS.md, 4)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class _Margin:
-    safety: float
-
-    @classmethod
-    def of(cls, safety: float | None) -> _Margin:
-        """The margin ``safety`` × the growth, validated; ``safety=None`` takes :data:`DEFAULT_SAFETY`."""
-        safety = DEFAULT_SAFETY if safety is None else safety
-        if not 0 <= safety < 1:
-            raise ConfigError(f"`safety` must be in [0, 1). Received: safety={safety}")
-        return cls(float(safety))
-
-    def line(self, parts: Sequence[Part]) -> tuple[float, float]:
-        """(intercept, slope) of the margin over ``parts``: ``safety`` × every part not measured or counted exactly."""
-        grows = [(pa, ps) for name, pa, ps in parts if name not in _EXACT_PARTS]
-        return self.safety * sum(pa for pa, _ in grows), self.safety * sum(ps for _, ps in grows)
-
-
-def _allowed(limit: float, a: float, s: float, parts: Sequence[Part], margin: _Margin) -> int | None:
-    """The largest batch whose predicted peak plus its safety margin fits ``limit`` (``None``: unbounded)."""
-    ma, ms = margin.line(parts)
-    return _max_batch(a + ma, s + ms, limit)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Piece:
-    """The peak line ``a + s·b`` made of ``parts``, from batch ``start`` up to the next piece's start."""
-
-    start: int
-    a: float
-    s: float
-    parts: list[Part]
-    between: tuple[int, int] | None = None
-    """The real trials the step's growth is interpolated between here, if any."""
-
-
-def _pieces_allowed(limit: float, pieces: Sequence[_Piece], margin: _Margin) -> int | None:
-    """The largest batch whose predicted peak plus margin fits ``limit`` on a rising piecewise line (``None``: unbounded)."""
-    for piece, after in zip(pieces, [*pieces[1:], None]):
-        most = _allowed(limit, piece.a, piece.s, piece.parts, margin)
-        if after is not None and (most is None or most >= after.start - 1):
-            continue  # this whole piece fits: the answer lies further up
-        return most if most is None else max(most, piece.start - 1, 0)
-    return None
-
-
-def _piece_at(pieces: Sequence[_Piece], batch: int) -> _Piece:
-    return [p for p in pieces if p.start <= max(batch, 1)][-1]
-
-
-def _budget_use(budget: Budget, a: float, s: float, parts: Sequence[Part], margin: _Margin, batch: int) -> BudgetUse:
-    """How ``budget`` is used at ``batch`` by the peak line ``a + s·b`` made of ``parts``."""
-    b = max(batch, 1)
-    ma, ms = margin.line(parts)
-    kept = int(round(ma + ms * b))
-    return BudgetUse(
-        budget=budget,
-        usable_bytes=budget.limit_bytes - kept,
-        margin_bytes=kept,
-        predicted_peak_bytes=int(round(a + s * b)),
-        components=tuple((name, int(round(pa + ps * b))) for name, pa, ps in parts),
-        max_batch_size=_allowed(budget.limit_bytes, a, s, parts, margin),
-    )
-
-
-def _fixed_part(result: ProbeResult, process_rss_bytes: int | None) -> Part | None:
-    """What the training process holds before it trains: measured in it, else the probe child's runtime + model."""
-    if process_rss_bytes is not None:
-        # The dataset is a part of its own; in memory, this process holds it already.
-        held = result.raw_bytes if result.source == "in_memory" else 0
-        return PROCESS_PART, float(max(process_rss_bytes - held, 0)), 0.0
-    if result.baseline_rss_bytes is not None:
-        return CHILD_BASELINE_PART, float(result.baseline_rss_bytes), 0.0
-    return None
-
-
-def _host_terms(
-    result: ProbeResult,
-    strategy: Strategy,
-    queue_batches: int,
-    read_ahead_shards: int,
-    process_rss_bytes: int | None,
-    export_bytes: Mapping[str, int] | None = None,
-) -> tuple[float, float, list[tuple[str, float, float]]]:
-    """Intercept, slope and named (intercept, slope) parts of the host peak line."""
-    parts: list[tuple[str, float, float]] = []
-    fixed = _fixed_part(result, process_rss_bytes)
-    if fixed is not None:
-        parts.append(fixed)
-    fit = result.host_fit
-    if fit is not None:
-        parts.append(("train step", fit.intercept_bytes, fit.slope_bytes))
-    else:
-        parts.append(("one batch", 0.0, result.worst_preprocessed_bytes_per_sample))
-    if strategy == "in_memory":
-        parts.append(("dataset", float(result.raw_bytes), 0.0))
-    else:
-        shard = float(result.largest_shard_raw_bytes)
-        if result.trial_reads_shard and read_ahead_shards >= 1:
-            # The trials held one shard and read the next during their steps: one read-ahead is measured.
-            reading = shard * (read_ahead_shards - 1)
-        elif result.trial_holds_shard and result.shard_read_peak_bytes is not None and read_ahead_shards >= 1:
-            # The child held the current shard; the next one is read during steps: its measured read peak
-            # (Arrow buffers + pandas objects, ~3x the rows) and then its rows stay until their turn.
-            reading = max(float(result.shard_read_peak_bytes), shard) + shard * (read_ahead_shards - 1)
-        else:
-            reading = shard * (1 + read_ahead_shards - (1 if result.trial_holds_shard else 0))
-        parts.append(("shards read", reading, 0.0))
-    copy = (export_bytes or {}).get(strategy, 0)
-    if copy:
-        parts.append(("tf.data copy", float(copy), 0.0))
-    waiting = max(queue_batches - result.trial_prefetch_batches, 0)  # the trials' prefetch is measured
-    parts.append(("queue", 0.0, waiting * result.worst_preprocessed_bytes_per_sample))
-    parts.append(("preprocess", 0.0, result.preprocess_peak_bytes_per_sample))
-    return sum(p[1] for p in parts), sum(p[2] for p in parts), parts
-
-
-def _host_pieces(a: float, s: float, parts: list[Part], curve: StepCurve | None) -> list[_Piece]:
-    """The host peak line with the step's growth following the measured ``curve``, piece by piece."""
-    if curve is None:
-        return [_Piece(0, a, s, parts)]
-    line = curve.line
-    pieces = []
-    for step in curve.pieces():
-        # Every other part is the same on each piece: only the train step's line changes.
-        da, ds = step.intercept_bytes - line.intercept_bytes, step.slope_bytes - line.slope_bytes
-        named = [(n, pa + da, ps + ds) if n == "train step" else (n, pa, ps) for n, pa, ps in parts]
-        pieces.append(_Piece(step.start, a + da, s + ds, named, step.between))
-    return pieces
 
 
 def make_plan(
@@ -443,7 +216,7 @@ def make_plan(
         ConfigError: an option is out of range.
         BudgetError: even one sample does not fit a budget.
     """
-    margin = _Margin.of(safety)
+    margin = Margin.of(safety)
     safety = margin.safety
     if max_batch_size is not None and max_batch_size < 1:
         raise ConfigError(f"`max_batch_size` must be >= 1. Received: max_batch_size={max_batch_size}")
@@ -460,23 +233,23 @@ def make_plan(
     if not budgets:
         raise ConfigError("make_plan needs at least one budget (the host's).")
 
-    Lines = list[tuple[Budget, list[_Piece]]]
+    Lines = list[tuple[Budget, list[Piece]]]
 
     def lines_for(strategy: Strategy, accumulators: bool) -> Lines:
         lines = []
         for budget in budgets:
             if budget.kind == "host":
-                a, s, parts = _host_terms(
+                a, s, parts = host_terms(
                     result, strategy, queue_batches, read_ahead_shards, process_rss_bytes, export_bytes
                 )
-                pieces = _host_pieces(a, s, parts, result.host_curve)
+                pieces = host_pieces(a, s, parts, result.host_curve)
             else:
                 fit = result.gpu_fit
                 if fit is None:
                     continue
                 # The line's intercept is the model, optimizer and runtime on the device, measured by every trial.
                 parts = [(DEVICE_PART, fit.intercept_bytes, 0.0), ("train step", 0.0, fit.slope_bytes)]
-                pieces = [_Piece(0, fit.intercept_bytes, fit.slope_bytes, parts)]
+                pieces = [Piece(0, fit.intercept_bytes, fit.slope_bytes, parts)]
             if accumulators and result.model_params:
                 # One float32 accumulator per weight: the probe's steps ran without them.
                 extra = 4.0 * result.model_params
@@ -495,7 +268,7 @@ def make_plan(
         if failed is not None:
             caps.append((failed - 1, f"a real trial at batch {failed} that ran out of memory"))
         for budget, pieces in lines:
-            most = _pieces_allowed(budget.limit_bytes, pieces, margin)
+            most = pieces_allowed(budget.limit_bytes, pieces, margin)
             if most is not None:
                 caps.append((most, f"{budget.kind} memory"))
         batch, limited_by = min(caps, key=lambda c: c[0])
@@ -506,9 +279,9 @@ def make_plan(
     def uses_at(lines: Lines, batch: int) -> list[BudgetUse]:
         uses = []
         for budget, pieces in lines:
-            piece = _piece_at(pieces, batch)
-            use = _budget_use(budget, piece.a, piece.s, piece.parts, margin, batch)
-            uses.append(dataclasses.replace(use, max_batch_size=_pieces_allowed(budget.limit_bytes, pieces, margin)))
+            piece = piece_at(pieces, batch)
+            use = budget_use(budget, piece.a, piece.s, piece.parts, margin, batch)
+            uses.append(dataclasses.replace(use, max_batch_size=pieces_allowed(budget.limit_bytes, pieces, margin)))
         return uses
 
     strategy: Strategy = "in_memory"
@@ -566,7 +339,7 @@ def make_plan(
             f"({binding.budget.source}), keeping a {safety:.0%} margin on what training adds "
             f"({format_bytes(binding.margin_bytes)})"
         )
-        between = next(_piece_at(p, batch).between for b, p in lines if b is binding.budget)
+        between = next(piece_at(p, batch).between for b, p in lines if b is binding.budget)
         if between is not None:
             explanation += (
                 f"; the step's memory is interpolated between real trials at batch {between[0]:,} and {between[1]:,}"
@@ -626,487 +399,3 @@ def make_plan(
         probe=result,
     )
 
-
-# --------------------------------------------------------------------------- size-aware: one batch size per length bucket
-
-
-@dataclasses.dataclass(frozen=True)
-class Bucket:
-    """One length bucket of a :class:`BucketPlan`: samples of length ``lo``–``hi``, padded to ``hi``."""
-
-    lo: int
-    """Shortest length in the bucket (one more than the previous boundary)."""
-    hi: int
-    """The boundary: every batch of this bucket is padded to this length."""
-    batch_size: int
-    n_samples: int
-    """Samples of the planned data in this bucket."""
-    predicted_peak_bytes: int
-    """Predicted host peak of a step of this bucket (with data, queue and preprocessing)."""
-    limited_by: str
-    """What stopped its batch from growing: ``host memory``, ``gpu memory``, ``the bucket's samples``, ..."""
-
-    @property
-    def steps(self) -> int:
-        """Batches of this bucket per epoch (its last one may be smaller)."""
-        return math.ceil(self.n_samples / self.batch_size) if self.n_samples else 0
-
-
-def _padded_tokens_cost(values: Any, counts: Any, candidates: list[int], n_buckets: int) -> list[int]:
-    """Boundaries among ``candidates`` (ascending, the last ≥ every length) minimising the padded tokens, by DP."""
-    import numpy as np
-
-    values = np.asarray(values)
-    cum = np.concatenate([[0], np.cumsum(counts)])
-    # count[j]: samples of length <= candidates[j]
-    upto = [int(cum[np.searchsorted(values, c, side="right")]) for c in candidates]
-    m = len(candidates)
-    k_max = min(n_buckets, m)
-    inf = float("inf")
-    best = [[inf] * m for _ in range(k_max + 1)]
-    back = [[-1] * m for _ in range(k_max + 1)]
-    for j in range(m):
-        best[1][j] = candidates[j] * upto[j]
-    for k in range(2, k_max + 1):
-        for j in range(m):
-            for i in range(j):
-                cost = best[k - 1][i] + candidates[j] * (upto[j] - upto[i])
-                if cost < best[k][j]:
-                    best[k][j], back[k][j] = cost, i
-    k = min(range(1, k_max + 1), key=lambda q: (best[q][m - 1], q))
-    chosen, j = [], m - 1
-    while k >= 1 and j >= 0:
-        chosen.append(candidates[j])
-        j, k = back[k][j], k - 1
-    return sorted(chosen)
-
-
-def bucket_boundaries(lengths: Any, buckets: int | Sequence[int] = 8, *, multiple: int = 8) -> tuple[int, ...]:
-    """Length bucket boundaries: given, or chosen from the length distribution.
-
-    With an int, the boundaries are picked among the distribution's percentiles
-    and a geometric ladder of lengths (×1.2, for the long tail), each rounded up
-    to a multiple of ``multiple`` and the last one the longest length, so that padding every sample to its bucket's boundary adds the fewest
-    padded positions (an exact dynamic programme). Given boundaries are sorted; a
-    last bucket up to the longest length is added when they stop short of it.
-
-    Args:
-        lengths: every sample's length.
-        buckets: how many buckets to choose, or the boundaries themselves.
-        multiple: round chosen boundaries up to a multiple of this (fewer, friendlier shapes).
-
-    Returns:
-        Ascending boundaries; the last one is at least the longest length.
-
-    Raises:
-        ConfigError: ``buckets`` is not a positive int or a list of positive ints.
-    """
-    import numpy as np
-
-    values, counts = np.unique(np.asarray(lengths, dtype=np.int64), return_counts=True)
-    if not len(values):
-        raise ConfigError("bucket_boundaries needs at least one sample length; received none.")
-    longest = int(values[-1])
-    if isinstance(buckets, bool) or not isinstance(buckets, (int, Sequence)) or isinstance(buckets, str):
-        raise ConfigError(f"`buckets` must be a number of buckets or a list of boundaries. Received: {buckets!r}")
-    if isinstance(buckets, int):
-        if buckets < 1:
-            raise ConfigError(f"`buckets` must be >= 1. Received: buckets={buckets}")
-        # Percentiles resolve the bulk; a geometric ladder (×1.2) resolves the long tail, where few samples lie.
-        qs = np.percentile(np.repeat(values, counts), np.linspace(0, 100, 101))
-        ladder = [float(values[0]) * 1.2**k for k in range(int(math.log(max(longest, 1) / max(values[0], 1), 1.2)) + 2)]
-        candidates = sorted(
-            {min(max(-(-int(math.ceil(q)) // multiple) * multiple, 1), longest) for q in (*qs, *ladder)} | {longest}
-        )
-        return tuple(_padded_tokens_cost(values, counts, candidates, buckets))
-    given = sorted({int(b) for b in buckets})
-    if not given or given[0] < 1:
-        raise ConfigError(f"bucket boundaries must be positive ints. Received: buckets={list(buckets)!r}")
-    if given[-1] < longest:
-        given.append(longest)
-    return tuple(given)
-
-
-def expected_batch_max(values: Any, counts: Any, batch_size: int) -> float:
-    """Expected longest length in a batch of ``batch_size`` samples drawn at random: what per-batch padding pads to."""
-    import numpy as np
-
-    values = np.asarray(values, dtype=float)
-    cdf = np.cumsum(counts) / float(np.sum(counts))
-    below = np.concatenate([[0.0], cdf[:-1]])
-    return float(np.sum(values * (cdf**batch_size - below**batch_size)))
-
-
-@dataclasses.dataclass(frozen=True)
-class BucketPlan:
-    """Size-aware batching: one batch size per length bucket, every bucket's predicted peak within the budget."""
-
-    buckets: tuple[Bucket, ...]
-    strategy: Strategy
-    n_samples: int
-    budgets: tuple[BudgetUse, ...]
-    """Each budget at the bucket with the highest predicted peak."""
-    fixed_batch_size: int
-    """The largest safe single batch size: the one whose batch of the longest sequences fits."""
-    fixed_mean_padded_length: float
-    """Mean padded length with that fixed batch and per-batch padding (expected longest of a random batch)."""
-    mean_padded_length: float
-    """Mean padded length of size-aware batching (each sample padded to its bucket's boundary)."""
-    expected_speedup: float
-    """Predicted samples/s of size-aware batching ÷ of the fixed batch, from the trials' step times."""
-    explanation: str
-    safety: float
-    queue_batches: int
-    confirmed: bool
-    """Whether a real trial at the most demanding bucket's batch and length fitted the budget."""
-    measured_peak_bytes: int | None
-    sized: Any
-    """The :class:`~autobatch.size_probe.SizeAwareProbe` the plan rests on."""
-    gradient_accumulation_steps: int = 1
-    target_batch_size: int | None = None
-
-    @property
-    def probe(self) -> ProbeResult:
-        return self.sized.probe
-
-    @property
-    def distribution(self) -> None:
-        """Size-aware plans are for one worker (see :class:`Plan` for tf.distribute)."""
-        return None
-
-    @property
-    def boundaries(self) -> tuple[int, ...]:
-        return tuple(b.hi for b in self.buckets)
-
-    @property
-    def batch_sizes(self) -> tuple[int, ...]:
-        return tuple(b.batch_size for b in self.buckets)
-
-    @property
-    def batch_size(self) -> int:
-        """The largest bucket batch (what a monitor or an adaptive feed treats as "the" batch)."""
-        return max(b.batch_size for b in self.buckets)
-
-    @property
-    def effective_batch_size(self) -> int:
-        return self.batch_size
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return sum(b.steps for b in self.buckets)
-
-    @property
-    def mean_batch_size(self) -> float:
-        return self.n_samples / max(self.steps_per_epoch, 1)
-
-    @property
-    def predicted_peak_bytes(self) -> int:
-        return max(b.predicted_peak_bytes for b in self.buckets)
-
-    @property
-    def limited_by(self) -> str:
-        return max(self.buckets, key=lambda b: b.predicted_peak_bytes).limited_by
-
-    def budget(self, kind: str) -> BudgetUse | None:
-        return next((use for use in self.budgets if use.budget.kind == kind), None)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["sized"] = self.sized.to_dict()
-        if not math.isfinite(self.expected_speedup):
-            data["expected_speedup"] = None  # JSON has no infinity
-        return data
-
-    def __rich__(self) -> Any:
-        from rich.console import Group
-        from rich.table import Table
-        from rich.text import Text
-
-        table = Table(title="autobatch size-aware plan", header_style="bold")
-        table.add_column("lengths", justify="right")
-        table.add_column("padded to", justify="right")
-        table.add_column("batch", justify="right")
-        table.add_column("samples", justify="right")
-        table.add_column("steps", justify="right")
-        table.add_column("predicted peak", justify="right")
-        table.add_column("limited by", style="dim")
-        for b in self.buckets:
-            table.add_row(
-                f"{b.lo:,}–{b.hi:,}",
-                f"{b.hi:,}",
-                f"{b.batch_size:,}",
-                f"{b.n_samples:,}",
-                f"{b.steps:,}",
-                format_bytes(b.predicted_peak_bytes),
-                b.limited_by,
-            )
-        header = Text.assemble(
-            ("size-aware batching ", "bold"),
-            (f"{len(self.buckets)} buckets", "bold green"),
-            f"   strategy {self.strategy}   {self.steps_per_epoch:,} steps/epoch over {self.n_samples:,} samples "
-            f"(mean batch {self.mean_batch_size:,.1f})",
-        )
-        confirmed = (
-            f"confirmed by a real training trial at the most demanding bucket: measured step peak plus data and "
-            f"queue = {format_bytes(self.measured_peak_bytes)}"
-            if self.confirmed
-            else "not confirmed by a trial at a planned bucket"
-        )
-        return Group(header, table, Text(self.explanation), Text(confirmed, style="dim"))
-
-    def __str__(self) -> str:
-        return _as_text(self)
-
-    def feed(
-        self,
-        data: Any,
-        targets: Any = None,
-        *,
-        preprocess: Any = None,
-        shuffle: bool = True,
-        seed: int = 0,
-        validation_split: float | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """The size-aware feed for this plan: its buckets, batch sizes, strategy and queue depth.
-
-        Args:
-            data: the data the plan was made for.
-            targets: targets or target column name(s).
-            preprocess: the same ``preprocess`` the probe measured.
-            shuffle: reshuffle within and across buckets every epoch.
-            seed: seed of the shuffle and of the validation split.
-            validation_split: hold out this fraction and return ``(train, validation)``.
-            **kwargs: passed to :func:`autobatch.feeds.size_aware.make_size_aware_feed`.
-
-        Returns:
-            A :class:`~autobatch.feeds.SizeAwareFeed` (or ``SizeAwareShardFeed`` when streaming), or
-            ``(train_feed, validation_feed)`` with ``validation_split``.
-        """
-        from autobatch.feeds.size_aware import make_size_aware_feed  # feeds are a later stage than the plan
-
-        kwargs.setdefault("max_queue_size", max(self.queue_batches, 1))
-        kwargs.setdefault("output_signature", self.probe.output_signature)
-        kwargs.setdefault("variable_leaves", self.sized.variable_leaves)
-        if self.sized.sequence_columns and "length_fn" not in kwargs:
-            kwargs.setdefault("sequence_columns", self.sized.sequence_columns)
-        return make_size_aware_feed(
-            data,
-            targets,
-            boundaries=self.boundaries,
-            batch_sizes=self.batch_sizes,
-            strategy=self.strategy,
-            preprocess=preprocess,
-            shuffle=shuffle,
-            seed=seed,
-            validation_split=validation_split,
-            **kwargs,
-        )
-
-
-    def bucket_by_sequence_length(self, dataset: Any, element_length_func: Any, **options: Any) -> Any:
-        """``dataset`` (unbatched ``tf.data``) batched by TensorFlow's ``bucket_by_sequence_length`` with these buckets.
-
-        See :func:`autobatch.feeds.size_aware.bucket_by_sequence_length`.
-        """
-        from autobatch.feeds.size_aware import bucket_by_sequence_length
-
-        return bucket_by_sequence_length(
-            dataset, element_length_func, boundaries=self.boundaries, batch_sizes=self.batch_sizes, **options
-        )
-
-
-def make_bucket_plan(
-    sized: Any,
-    budgets: Sequence[Budget],
-    *,
-    buckets: int | Sequence[int] = 8,
-    safety: float | None = None,
-    max_batch_size: int | None = None,
-    queue_batches: int = 2,
-    read_ahead_shards: int = 1,
-    process_rss_bytes: int | None = None,
-) -> BucketPlan:
-    """Choose, per length bucket, the largest batch whose predicted peak fits every budget.
-
-    The host peak of a step of a bucket padded to length ``L`` at batch ``b`` is
-    the fitted ``a + p·b·L (+ c·b·L²)`` of the size-aware probe, plus the data held
-    (dataset or shards, as :func:`make_plan` counts it), batches waiting in the
-    queue beyond what the trials prefetched, and preprocessing's transient peak,
-    both measured per padded token. The fixed batch it is compared with is the
-    largest whose batch of the longest sequences fits the same budget.
-
-    Args:
-        sized: the :class:`~autobatch.size_probe.SizeAwareProbe`.
-        budgets: the host budget and, on a GPU, the device budget.
-        buckets: how many length buckets to choose from the distribution, or their boundaries.
-        safety: safety margin on what training adds (default :data:`DEFAULT_SAFETY`), as in :func:`make_plan`.
-        max_batch_size: never plan a larger batch in any bucket.
-        queue_batches: batches the feed may hold waiting.
-        read_ahead_shards: shard files read ahead when streaming.
-        process_rss_bytes: the training process's measured RSS (the fixed part), as in :func:`make_plan`.
-
-    Returns:
-        The :class:`BucketPlan`.
-
-    Raises:
-        ConfigError: an option is out of range.
-        BudgetError: one sample of the longest bucket does not fit a budget.
-    """
-    margin = _Margin.of(safety)
-    safety = margin.safety
-    if max_batch_size is not None and max_batch_size < 1:
-        raise ConfigError(f"`max_batch_size` must be >= 1. Received: max_batch_size={max_batch_size}")
-    if queue_batches < 0:
-        raise ConfigError(f"`queue_batches` must be >= 0. Received: queue_batches={queue_batches}")
-    if not budgets:
-        raise ConfigError("make_bucket_plan needs at least one budget (the host's).")
-    if sized.host_model is None:
-        raise ConfigError("the size-aware probe has no fitted memory model (no trial completed).")
-    import numpy as np
-
-    result: ProbeResult = sized.probe
-    values = np.asarray(sized.length_values, dtype=np.int64)
-    counts = np.asarray(sized.length_counts, dtype=np.int64)
-    boundaries = bucket_boundaries(np.repeat(values, counts), buckets)
-    waiting = max(queue_batches - result.trial_prefetch_batches, 0)
-
-    # The grid's fitted peaks are the child's whole RSS: above its baseline they are the step's growth.
-    baseline = float(result.baseline_rss_bytes or 0)
-
-    def host_constant(strategy: Strategy) -> tuple[float, list[tuple[str, float]]]:
-        _, _, parts = _host_terms(result, strategy, queue_batches, read_ahead_shards, process_rss_bytes)
-        held = [(name, a) for name, a, _ in parts if name not in ("train step", "one batch", "queue", "preprocess")]
-        return sum(a for _, a in held), held
-
-    Line = tuple[Budget, float, float, float, list[tuple[str, float, float]]]
-
-    def lines(strategy: Strategy, length: int) -> list[Line]:
-        """Per budget: usable, intercept, per-sample slope at ``length`` and named (intercept, slope) parts."""
-        out = []
-        for budget in budgets:
-            usable = float(budget.limit_bytes)
-            if budget.kind == "host":
-                model = sized.host_model
-                constant, held = host_constant(strategy)
-                per_batch_bytes = sized.bytes_per_sample + sized.bytes_per_token * length
-                parts = [("train step", model.intercept_bytes - baseline, model.per_sample_bytes(length))]
-                parts += [(name, a, 0.0) for name, a in held]
-                parts.append(("queue", 0.0, waiting * per_batch_bytes))
-                parts.append(("preprocess", 0.0, sized.preprocess_peak_per_token * length))
-            else:
-                model = sized.gpu_model
-                if model is None:
-                    continue
-                parts = [(DEVICE_PART, model.intercept_bytes, 0.0), ("train step", 0.0, model.per_sample_bytes(length))]
-            out.append((budget, usable, sum(p[1] for p in parts), sum(p[2] for p in parts), parts))
-        return out
-
-    def largest(strategy: Strategy, length: int, n_in_bucket: int | None) -> tuple[int, str]:
-        caps: list[tuple[int, str]] = []
-        if n_in_bucket is not None:
-            caps.append((max(n_in_bucket, 1), "the bucket's samples"))
-        if max_batch_size is not None:
-            caps.append((max_batch_size, "max_batch_size"))
-        failed = sized.failed_batch_size(length)
-        if failed is not None:
-            caps.append((failed - 1, "a real trial that ran out of memory"))
-        for budget, usable, a, s, parts in lines(strategy, length):
-            allowed = _allowed(usable, a, s, parts, margin)
-            if allowed is not None:
-                caps.append((allowed, f"{budget.kind} memory"))
-        if not caps:
-            return max(n_in_bucket or 1, 1), "the bucket's samples"
-        return min(caps, key=lambda c: c[0])
-
-    def build(strategy: Strategy) -> tuple[list[Bucket], float]:
-        made, lo = [], 1
-        cum = np.concatenate([[0], np.cumsum(counts)])
-        for hi in boundaries:
-            n = int(cum[np.searchsorted(values, hi, side="right")] - cum[np.searchsorted(values, lo, side="left")])
-            batch, why = largest(strategy, hi, n)
-            host = next((line for line in lines(strategy, hi) if line[0].kind == "host"), None)
-            peak = int(round(host[2] + host[3] * max(batch, 1))) if host is not None else 0
-            made.append(Bucket(lo, hi, batch, n, peak, why))
-            lo = hi + 1
-        return made, _epoch_seconds(made)
-
-    def _epoch_seconds(made: list[Bucket]) -> float:
-        t0, per_token = sized.step_seconds or (0.0, 1.0)
-        return sum(b.steps * (t0 + per_token * b.batch_size * b.hi) for b in made if b.batch_size >= 1)
-
-    strategy: Strategy = "in_memory"
-    made, seconds = build("in_memory")
-    strategy_reason = "the data is already in memory"
-    if result.source == "shards":
-        streamed, stream_seconds = build("stream")
-        fits = all(b.batch_size >= 1 for b in made)
-        if fits and seconds <= 1.1 * stream_seconds:
-            strategy_reason = f"the whole dataset ({format_bytes(result.raw_bytes)}) fits next to the buckets' batches"
-        else:
-            strategy, made, seconds = "stream", streamed, stream_seconds
-            strategy_reason = (
-                f"holding the whole dataset ({format_bytes(result.raw_bytes)}) would shrink the batches, so shards are "
-                f"streamed ({1 + read_ahead_shards} file(s) resident)"
-            )
-    worst = made[-1]
-    if worst.batch_size < 1:
-        line = next((ln for ln in lines(strategy, worst.hi) if _allowed(ln[1], ln[2], ln[3], ln[4], margin) == 0), None)
-        line = line or lines(strategy, worst.hi)[0]
-        parts = ", ".join(f"{name} {format_bytes(a + s)}" for name, a, s in line[4])
-        one = _budget_use(line[0], line[2], line[3], line[4], margin, 1)
-        raise BudgetError(
-            f"the {line[0].kind} budget cannot hold even one sample of length {worst.hi}: a batch of 1 needs "
-            f"{format_bytes(line[2] + line[3])} ({parts}), but {line[0]} with a {safety:.0%} safety margin "
-            f"({format_bytes(one.margin_bytes)}) leaves {format_bytes(one.usable_bytes)}. Raise the limit, or cap the "
-            "length (truncate) in preprocess."
-        )
-    longest = sized.max_length
-    fixed, _ = largest(strategy, longest, None)
-    fixed = min(fixed, result.n_samples)
-    fixed_length = expected_batch_max(values, counts, max(fixed, 1))
-    mean_padded = float(sum(b.hi * b.n_samples for b in made) / max(sum(b.n_samples for b in made), 1))
-    t0, per_token = sized.step_seconds or (0.0, 1.0)
-    fixed_seconds = math.ceil(result.n_samples / max(fixed, 1)) * (t0 + per_token * max(fixed, 1) * fixed_length)
-    speedup = fixed_seconds / seconds if seconds > 0 else float("inf")
-    demanding = max(made, key=lambda b: (b.predicted_peak_bytes, b.batch_size * b.hi))
-    uses = [
-        _budget_use(budget, a, s, parts, margin, demanding.batch_size)
-        for budget, _, a, s, parts in lines(strategy, demanding.hi)
-    ]
-    timing = "the trials' step times" if sized.step_seconds else "padded tokens (no step times measured)"
-    explanation = (
-        f"{len(made)} length buckets, batch {min(b.batch_size for b in made):,}–{max(b.batch_size for b in made):,} "
-        f"(mean {result.n_samples / max(sum(b.steps for b in made), 1):,.1f}); the largest safe fixed batch is "
-        f"{fixed:,} (its batch of the longest sequences, length {longest:,}, must fit), which with per-batch padding "
-        f"pads to {fixed_length:,.0f} on average against {mean_padded:,.0f} here: expected {speedup:.2f}× the "
-        f"samples/s (from {timing}). Strategy {strategy}: {strategy_reason}."
-    )
-    # A fitting trial at exactly a planned bucket's batch and length confirms that bucket.
-    measured, confirmed = None, False
-    host = next((u for u in uses if u.budget.kind == "host"), None)
-    if host is not None:
-        extras = sum(v for name, v in host.components if name != "train step")
-        for trial in sized.grid:
-            if trial.held_out or not trial.fits or trial.peak_rss_bytes is None:
-                continue
-            if (trial.batch_size, trial.length) == (demanding.batch_size, demanding.hi):
-                total = int(trial.peak_rss_bytes - baseline + extras)
-                if total <= host.usable_bytes:
-                    measured, confirmed = total, True
-    return BucketPlan(
-        buckets=tuple(made),
-        strategy=strategy,
-        n_samples=result.n_samples,
-        budgets=tuple(uses),
-        fixed_batch_size=fixed,
-        fixed_mean_padded_length=fixed_length,
-        mean_padded_length=mean_padded,
-        expected_speedup=speedup,
-        explanation=explanation,
-        safety=safety,
-        queue_batches=queue_batches,
-        confirmed=confirmed,
-        measured_peak_bytes=measured,
-        sized=sized,
-    )

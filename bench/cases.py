@@ -24,7 +24,7 @@ import workload
 from measure import Ratio, Run, interleave, ratio, run_child, timed
 
 from autobatch._units import format_bytes
-from autobatch.plan import DEFAULT_SAFETY
+from autobatch._peak_lines import DEFAULT_SAFETY
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -191,7 +191,7 @@ def keys_of_sized_runs() -> list[tuple[str, str]]:
 
 def _unprobed_plan(which: str, batching: str, sizes: workload.Sizes) -> dict[str, Any]:
     """``--quick``: buckets from the lengths and 8,192 padded positions per batch, no probe and no memory run."""
-    from autobatch.plan import bucket_boundaries
+    from autobatch.bucket_plan import bucket_boundaries
 
     x, _ = workload.real_length_frame(sizes.sized_rows, files=sizes.sized_files) if which == "real" else workload.frame(sizes.small_rows)
     lengths = x.apply(lambda row: max(len(v) for v in row), axis=1).to_numpy()

@@ -31,7 +31,7 @@ import canonical  # noqa: E402
 import shards as stream_example  # noqa: E402
 
 import autobatch  # noqa: E402
-from autobatch import TensorSpec  # noqa: E402
+from autobatch.probe import TensorSpec  # noqa: E402
 
 COLUMNS = ("in1", "in2")
 DATA_DIR = Path(os.environ.get("AUTOBATCH_BENCH_DATA", ROOT / "examples" / "data" / "bench"))

@@ -82,7 +82,7 @@ def make_frame(rows: int, seed: int = 0) -> pd.DataFrame:
 
 def preprocess(batch_x: pd.DataFrame, batch_y: pd.Series):  # noqa: ANN201
     """Pad each batch to its longest sequence."""
-    tokens = autobatch.pad_sequences_batch(list(batch_x["tokens"]), dtype="int32")
+    tokens = autobatch.padding.pad_sequences_batch(list(batch_x["tokens"]), dtype="int32")
     return {"tokens": tokens}, batch_y.to_numpy("float32")
 
 

@@ -8,8 +8,10 @@ import textwrap
 import pytest
 
 import autobatch
-from autobatch import Budget, ProbeResult, StepTrial
-from autobatch.api import confirm_plan
+from autobatch import ProbeResult
+from autobatch._memory import Budget
+from autobatch.probe import StepTrial
+from autobatch._planning import confirm_plan
 
 import canonical
 
@@ -205,7 +207,7 @@ def test_fit_with_pad_columns_pads_in_tensorflow_and_budgets_the_copy_it_holds(m
     frame = _learnable(600, seed=1)
     x, y = frame.drop(columns=["label"]), frame["label"]
     pad = autobatch.PadColumns(["in1", "in2"], add_feature_axis=True, target_axis=True)
-    monkeypatch.setattr("autobatch.api.rss_bytes", lambda: 0)  # nothing else held by this process
+    monkeypatch.setattr("autobatch._planning.rss_bytes", lambda: 0)  # nothing else held by this process
     history = autobatch.fit(
         canonical.build_model(), x, y, preprocess=pad, epochs=3, ram_limit="4GiB", max_batch_size=64, cache=False,
         monitor=False,
@@ -221,7 +223,7 @@ def test_fit_with_pad_columns_pads_in_tensorflow_and_budgets_the_copy_it_holds(m
 def test_fit_with_pad_columns_on_shards_budgets_the_copy_of_the_strategy_it_plans(tmp_path):
     import types
 
-    from autobatch.api import _export_bytes
+    from autobatch._planning import _export_bytes
 
     frame = _learnable(400, seed=1)
     canonical.write_shards(frame, tmp_path, shards=4)
@@ -521,7 +523,7 @@ def test_fit_names_an_unknown_keyword_and_the_one_meant_before_probing(tmp_path,
 def test_fit_checks_keywords_against_what_an_overridden_model_fit_takes():
     import keras
 
-    from autobatch.api import _model_fit_parameters
+    from autobatch._fit_checks import model_fit_parameters
 
     class Forwarding(keras.Model):
         def fit(self, *args, patience=3, **kwargs):  # passes the rest on to keras.Model.fit
@@ -532,12 +534,12 @@ def test_fit_checks_keywords_against_what_an_overridden_model_fit_takes():
             return None
 
     model = canonical.build_model()
-    keras_names = _model_fit_parameters(model)
+    keras_names = model_fit_parameters(model)
     assert {"x", "y", "class_weight", "initial_epoch", "validation_freq"} <= keras_names and "self" not in keras_names
-    assert _model_fit_parameters(Forwarding()) == keras_names | {"patience"}
-    assert _model_fit_parameters(Closed()) == {"x", "y", "epochs"}
+    assert model_fit_parameters(Forwarding()) == keras_names | {"patience"}
+    assert model_fit_parameters(Closed()) == {"x", "y", "epochs"}
     model.fit = lambda data, **kwargs: None  # a wrapper, as tests and tools install: judged by keras.Model.fit
-    assert _model_fit_parameters(model) == keras_names | {"data"}
+    assert model_fit_parameters(model) == keras_names | {"data"}
 
 
 def test_fit_without_targets_names_the_columns_to_choose_from_before_probing(tmp_path, monkeypatch):
@@ -563,7 +565,7 @@ def test_fit_takes_no_targets_where_preprocess_or_the_model_needs_none(tmp_path)
     import keras
 
     from autobatch._data import ShardSource
-    from autobatch.api import _check_targets
+    from autobatch._fit_checks import check_targets
 
     frame = _learnable(40, seed=12)
     canonical.write_shards(frame, tmp_path, shards=2)
@@ -571,12 +573,12 @@ def test_fit_takes_no_targets_where_preprocess_or_the_model_needs_none(tmp_path)
     without_loss = keras.Model.from_config(with_loss.get_config())
     without_loss.compile(optimizer="adam")  # e.g. a model that adds its own losses (add_loss)
     shards = str(tmp_path / "csv")
-    assert _check_targets(with_loss, frame, None, canonical.preprocess) is None, "preprocess may build the targets"
-    assert _check_targets(with_loss, shards, None, canonical.preprocess) is None
-    assert _check_targets(without_loss, frame, None, None) is None
-    assert _check_targets(with_loss, ShardSource.from_spec(shards, "label"), None, None) is None
-    assert _check_targets(with_loss, f"{canonical.__file__}:load", None, None) is None, "the function gives y"
-    assert _check_targets(with_loss, frame, "label", None) is None
+    assert check_targets(with_loss, frame, None, canonical.preprocess) is None, "preprocess may build the targets"
+    assert check_targets(with_loss, shards, None, canonical.preprocess) is None
+    assert check_targets(without_loss, frame, None, None) is None
+    assert check_targets(with_loss, ShardSource.from_spec(shards, "label"), None, None) is None
+    assert check_targets(with_loss, f"{canonical.__file__}:load", None, None) is None, "the function gives y"
+    assert check_targets(with_loss, frame, "label", None) is None
 
 
 # ---------------------------------------------------------------- memory pressure during fit
@@ -589,7 +591,7 @@ class _LowHeadroomAfterStep:
         self.low = False
 
     def __call__(self):
-        from autobatch.monitor import read_memory
+        from autobatch._readings import read_memory
 
         reading = read_memory()
         return dataclasses.replace(reading, available_bytes=100 * MiB if self.low else 64 * 1024 * MiB)
@@ -687,7 +689,7 @@ def test_fit_adaptive_survives_a_second_process_taking_memory():
     The total leaves 1 GiB beyond the margin at the start; the other process then takes 1.25 GiB for real.
     """
     from autobatch._memory import rss_bytes
-    from autobatch.monitor import read_memory
+    from autobatch._readings import read_memory
 
     hog = subprocess.Popen([sys.executable, "-c", HOG], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

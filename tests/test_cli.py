@@ -1,5 +1,6 @@
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,19 +75,46 @@ def test_usage_errors_exit_2(args):
     assert excinfo.value.code == 2
 
 
+TF_START_UP = ("port.cc", "cudart_stub.cc", "cuInit", "absl::InitializeLog")
+
+
 def test_installed_console_script_with_a_model(shard_dirs):
-    """The real `autobatch` executable, a real model probed in a child, JSON out."""
+    """The real `autobatch` executable, a real model probed in a child, JSON out, no TensorFlow start-up lines."""
     exe = Path(sys.executable).with_name("autobatch")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     out = subprocess.run(
         [str(exe), "probe", str(shard_dirs / "parquet"), "--target", "label", "--preprocess", PREPROCESS,
          "--model", MODEL, "--ram-limit", "2GiB", "--trial-batch-sizes", "4,16", "--json", "--no-cache"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env=env,
     )
     assert out.returncode == 0, out.stderr[-2000:]
+    assert not [line for line in out.stderr.splitlines() if any(s in line for s in TF_START_UP)], out.stderr
     data = json.loads(out.stdout)
     assert data["confirmed"] and data["probe"]["device"] == "CPU"
     assert [t["batch_size"] for t in data["probe"]["trials"]][:2] == [4, 16]
     assert data["budgets"][0]["predicted_peak_bytes"] <= data["budgets"][0]["usable_bytes"]
+
+
+def test_debug_shows_tensorflows_start_up_logging_from_the_probe_child(shard_dirs):
+    exe = Path(sys.executable).with_name("autobatch")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    out = subprocess.run(
+        [str(exe), "probe", str(shard_dirs / "parquet"), "--target", "label", "--preprocess", PREPROCESS,
+         "--model", MODEL, "--ram-limit", "2GiB", "--trial-batch-sizes", "4", "--no-confirm", "--no-cache", "--debug"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "probe child (pid" in out.stderr and "port.cc" in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("before", "flags", "after"), [(None, [], "2"), ("1", [], "1"), (None, ["--debug"], "0"), ("3", ["--debug"], "0")])
+def test_tensorflow_log_level_is_set_before_tensorflow_loads(shard_dirs, monkeypatch, before, flags, after):
+    if before is None:
+        monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    else:
+        monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", before)
+    code, _ = run("probe", str(shard_dirs / "csv"), "--target", "label", "--preprocess", PREPROCESS, *flags)
+    assert code == 0 and os.environ["TF_CPP_MIN_LOG_LEVEL"] == after
 
 
 def test_size_aware_options_without_size_aware_are_reported_not_silently_ignored(shard_dirs, capsys):

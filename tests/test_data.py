@@ -5,15 +5,8 @@ import pandas as pd
 import pytest
 
 from autobatch import DataError
-from autobatch._data import (
-    ShardSource,
-    as_in_memory,
-    count_rows,
-    read_shard,
-    resolve_shards,
-    sample_in_memory,
-    sample_shards,
-)
+from autobatch._data import ShardSource, as_in_memory, sample_in_memory, sample_shards
+from autobatch._shard_files import count_rows, read_shard, resolve_shards
 
 
 def _csv(path: Path, frame: pd.DataFrame) -> Path:

@@ -19,8 +19,12 @@ import pandas as pd
 import pytest
 
 import autobatch
-from autobatch import Budget, ConfigError, ProbeResult, StepTrial, make_plan
-from autobatch._distribute import Layout, ReplicaLimit, agree, distribute_plan, replica_limits, strategy_layout
+from autobatch import ConfigError, ProbeResult
+from autobatch._memory import Budget
+from autobatch.plan import make_plan
+from autobatch.probe import StepTrial
+from autobatch._distribute import Layout, agree, distribute_plan, replica_limits, strategy_layout
+from autobatch._replicas import ReplicaLimit
 
 MiB = 1024**2
 WORKER = Path(__file__).with_name("distributed_worker.py")

@@ -5,6 +5,32 @@ import types
 import autobatch
 
 
+PUBLIC = [
+    # the one-call path and its two steps
+    "fit", "plan", "plan_size_aware", "probe", "Plan", "ProbeResult",
+    # feeding model.fit yourself, and watching it
+    "make_feed", "InMemoryFeed", "ShardFeed", "SizeAwareFeed", "SizeAwareShardFeed", "distribute_feed", "MemoryMonitor",
+    # padding in preprocess, sizes in bytes
+    "PadColumns", "pad_columns", "parse_bytes", "format_bytes",
+    # what autobatch raises
+    "AutobatchError", "BudgetError", "ConfigError", "DataError", "ModelError", "PreprocessError", "ProbeError",
+]
+
+
+def test_the_public_names_are_the_ones_a_training_script_needs():
+    assert autobatch.__all__ == sorted(PUBLIC)
+
+
+def test_everything_else_stays_in_its_submodule():
+    from autobatch.bucket_plan import BucketPlan
+    from autobatch.padding import count_truncations
+    from autobatch.plan import make_plan
+
+    for name, value in [("BucketPlan", BucketPlan), ("make_plan", make_plan), ("count_truncations", count_truncations)]:
+        assert name not in autobatch.__all__ and not hasattr(autobatch, name), name
+        assert callable(value)
+
+
 def test_all_is_sorted_and_names_every_public_object():
     assert autobatch.__all__ == sorted(autobatch.__all__)
     eager = {

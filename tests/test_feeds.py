@@ -25,13 +25,14 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import autobatch
-from autobatch._data import ShardInfo, ShardSource
+from autobatch._data import ShardSource
+from autobatch._shard_files import ShardInfo
 from autobatch._memory import Budget
 from autobatch.errors import AutobatchError, ConfigError, DataError, PreprocessError
 from autobatch.feeds import InMemoryFeed, ShardFeed, ShardIndex, make_feed
 from autobatch.padding import pad_columns
 from autobatch.plan import Plan, make_plan
-from autobatch.probe import ProbeResult, TensorSpec
+from autobatch._result import ProbeResult, TensorSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -482,11 +483,12 @@ _NATIVE_MEMORY_CHILD = """
 import json, sys
 import autobatch
 from autobatch.feeds import ShardFeed
+from autobatch.probe import TensorSpec
 
 pad = autobatch.PadColumns(["s"], target_axis=True)
 preprocess = pad if sys.argv[2] == "native" else (lambda bx, by: pad(bx, by))
 feed = ShardFeed(sys.argv[1], "label", batch_size=512, preprocess=preprocess, shuffle=True, seed=0)
-signature = (autobatch.TensorSpec("x/s", "float32", (None, None)), autobatch.TensorSpec("y", "float32", (None, 1)))
+signature = (TensorSpec("x/s", "float32", (None, None)), TensorSpec("y", "float32", (None, 1)))
 rows = sum(len(y) for _, y in feed.to_tf_dataset(signature))
 peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
 print(json.dumps({"rows": rows, "peak_rss_bytes": peak, "native": sys.argv[2]}))
@@ -920,7 +922,7 @@ def test_canonical_sequence_model_trains_from_csv_shards(tmp_path: Path) -> None
     assert feed.epoch >= 2, "Keras advanced the feed's epoch (it also calls on_epoch_end once as fit starts)"
 
 
-# --------------------------------------------------------------------------- Plan.feed
+# --------------------------------------------------------------------------- make_feed(plan=...)
 
 
 def _probe_result(source: str, *, raw_bytes: int, signature: tuple[TensorSpec, ...]) -> ProbeResult:
@@ -949,35 +951,85 @@ DEFAULT_SIGNATURE = (
 )
 
 
-def test_plan_feed_builds_the_feed_for_the_strategy(tmp_path: Path) -> None:
+def test_make_feed_with_a_plan_builds_the_feed_for_its_strategy(tmp_path: Path) -> None:
     frame = table(100)
     folder = write_shards(frame, tmp_path / "pq", SIZES, "parquet")
     host = [Budget("host", 2**30, "test")]
     probed = _probe_result("in_memory", raw_bytes=8000, signature=DEFAULT_SIGNATURE)
     in_memory = make_plan(probed, host, max_batch_size=16)
     assert in_memory.strategy == "in_memory"
-    feed = in_memory.feed(frame, "label")
+    feed = make_feed(frame, "label", plan=in_memory)
     assert isinstance(feed, InMemoryFeed) and feed.batch_size == 16 and len(feed) == in_memory.steps_per_epoch
     assert feed.max_queue_size == in_memory.queue_batches
     streaming = make_plan(
         _probe_result("shards", raw_bytes=2 * 2**30, signature=DEFAULT_SIGNATURE), host, max_batch_size=16
     )
     assert streaming.strategy == "stream"
-    train, val = streaming.feed(folder, "label", validation_split=0.2, seed=1)
+    train, val = make_feed(folder, "label", plan=streaming, validation_split=0.2, seed=1)
     assert isinstance(train, ShardFeed) and train.batch_size == 16
     assert_exactly_once(epoch_ids(train) + epoch_ids(val), frame["id"].to_numpy())
     with pytest.warns(UserWarning, match="budgets 2 waiting"):
-        in_memory.feed(frame, "label", workers=2, max_queue_size=4)
+        make_feed(frame, "label", plan=in_memory, workers=2, max_queue_size=4)
 
 
-def test_plan_feed_checks_batches_against_the_probed_signature() -> None:
+def test_make_feed_with_a_plan_checks_batches_against_the_probed_signature() -> None:
     probed = (TensorSpec("x/a", "float32", (None,)), TensorSpec("y", "float32", (None,)))
     plan: Plan = make_plan(
         _probe_result("in_memory", raw_bytes=8000, signature=probed), [Budget("host", 2**30, "t")], max_batch_size=8
     )
-    feed = plan.feed(table(100), "label")  # the default preprocess gives x/id, x/a, x/b and an int64 y
+    feed = make_feed(table(100), "label", plan=plan)  # the default preprocess gives x/id, x/a, x/b and an int64 y
     with pytest.raises(PreprocessError, match="the batch the probe measured"):
         feed[0]
+
+
+def test_make_feed_with_a_plan_sets_its_defaults_and_the_caller_may_override_them(tmp_path: Path) -> None:
+    folder = write_shards(table(100), tmp_path / "pq", SIZES, "parquet")
+    host = [Budget("host", 2**30, "test")]
+    streaming = make_plan(
+        _probe_result("shards", raw_bytes=2 * 2**30, signature=DEFAULT_SIGNATURE), host, max_batch_size=16
+    )
+    feed = make_feed(folder, "label", plan=streaming)
+    assert isinstance(feed, ShardFeed) and feed.output_signature == DEFAULT_SIGNATURE
+    assert feed.max_batch_bytes == math.ceil(streaming.probe.worst_preprocessed_bytes_per_sample * 16)
+    loaded = make_feed(folder, "label", plan=streaming, strategy="in_memory", max_queue_size=1)
+    assert isinstance(loaded, InMemoryFeed) and loaded.batch_size == 16 and loaded.max_queue_size == 1
+    with pytest.warns(UserWarning, match="budgets 2 waiting") as record:
+        make_feed(folder, "label", plan=streaming, workers=3)
+    assert record[0].filename == __file__, "the warning points at the caller's make_feed"
+
+
+def test_make_feed_needs_exactly_one_of_plan_and_batch_size() -> None:
+    plan = make_plan(
+        _probe_result("in_memory", raw_bytes=8000, signature=DEFAULT_SIGNATURE), [Budget("host", 2**30, "t")]
+    )
+    with pytest.raises(ConfigError) as both:
+        make_feed(table(10), "label", plan=plan, batch_size=4)
+    assert "not both" in str(both.value) and "batch_size=4" in str(both.value)
+    with pytest.raises(ConfigError) as neither:
+        make_feed(table(10), "label")
+    assert "needs `plan`" in str(neither.value) and "Received: neither" in str(neither.value)
+
+
+def test_size_aware_functions_need_a_bucket_plan_or_the_buckets() -> None:
+    from autobatch.feeds.size_aware import bucket_by_sequence_length, make_size_aware_feed
+
+    plan = make_plan(
+        _probe_result("in_memory", raw_bytes=8000, signature=DEFAULT_SIGNATURE), [Budget("host", 2**30, "t")]
+    )
+    frame = canonical.make_frame(20, seed=1, max_len=16)
+    with pytest.raises(ConfigError) as fixed:
+        make_size_aware_feed(frame, "label", plan=plan)
+    assert "needs a size-aware plan" in str(fixed.value) and "make_feed(x, y, plan=plan)" in str(fixed.value)
+    with pytest.raises(ConfigError) as both:
+        make_size_aware_feed(frame, "label", plan=plan, boundaries=[8, 16], batch_sizes=[4, 2])
+    assert "not both" in str(both.value)
+    with pytest.raises(ConfigError) as partly:
+        make_size_aware_feed(frame, "label", boundaries=[8, 16])
+    assert "Received: neither plan nor batch_sizes" in str(partly.value)
+    with pytest.raises(ConfigError) as neither:
+        bucket_by_sequence_length(None, len)
+    assert "bucket_by_sequence_length needs `plan`" in str(neither.value)
+    assert "neither plan nor boundaries and batch_sizes" in str(neither.value)
 
 
 def test_plan_module_does_not_import_feeds() -> None:
@@ -1065,7 +1117,7 @@ def test_nan_policy_error_names_array_and_row(where: str, value: float, name: st
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_nonfinite_rows_finds_nan_and_inf_but_not_a_sum_that_overflows(dtype) -> None:
-    from autobatch.feeds.base import _nonfinite_rows
+    from autobatch.feeds.checks import _nonfinite_rows
 
     big = np.finfo(dtype).max / 2
     array = np.full((4, 3), big, dtype=dtype)  # finite, but the sum overflows the dtype

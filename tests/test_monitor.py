@@ -6,8 +6,9 @@ import pytest
 from rich.console import Console
 
 from autobatch.errors import ConfigError
-from autobatch.monitor import MemoryMonitor, MemoryReading, summary_from_log
-from autobatch.plan import DEFAULT_SAFETY
+from autobatch._readings import MemoryReading, summary_from_log
+from autobatch.monitor import MemoryMonitor
+from autobatch._peak_lines import DEFAULT_SAFETY
 
 MiB = 1024**2
 
@@ -254,7 +255,10 @@ def test_low_headroom_without_adaptive_warns_once_with_the_remedy():
 
 def plan_on_1000_mib(**options):
     """A plan on a 1000 MiB host budget whose trials measured 492 MiB + 1 MiB per sample."""
-    from autobatch import Budget, ProbeResult, StepTrial, make_plan
+    from autobatch import ProbeResult
+    from autobatch._memory import Budget
+    from autobatch.plan import make_plan
+    from autobatch.probe import StepTrial
 
     probe = ProbeResult(
         n_samples=1000, source="in_memory", raw_bytes=0, raw_bytes_per_sample=0.0, raw_scope="t",

@@ -1,9 +1,18 @@
 import dataclasses
+import io
 import math
 
+import numpy as np
 import pytest
+from rich.console import Console
 
-from autobatch import Budget, BudgetError, ConfigError, ProbeResult, StepTrial, make_plan
+from autobatch import BudgetError, ConfigError, ProbeResult, format_bytes
+from autobatch._memory import Budget
+from autobatch.bucket_plan import make_bucket_plan
+from autobatch.plan import make_plan
+from autobatch.probe import StepTrial
+from autobatch._replicas import Distribution, ReplicaLimit
+from autobatch._size_result import LengthMemoryModel, SizeAwareProbe
 
 MiB = 1024**2
 
@@ -270,3 +279,89 @@ def test_a_batch_leaving_few_optimizer_steps_says_so(n, warned):
         assert "max_batch_size=" in plan.explanation and "target_batch_size=" in plan.explanation
     capped = make_plan(result(n=n), [host(8 * 1024 * MiB)], max_batch_size=n // 20)
     assert "optimizer step(s) per epoch" not in capped.explanation
+
+
+# ---------------------------------------------------------------- rendering: what a person reads at 80 columns
+
+
+def rendered(plan):
+    """The lines ``plan`` prints on an 80-column terminal."""
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(plan)
+    return console.export_text().splitlines()
+
+
+def _fixed_plans():
+    alone = make_plan(result(), [host(2048 * MiB)])
+    gpu = make_plan(
+        result(gpu=(100 * MiB, 1100 * MiB)),
+        [host(64 * 1024 * MiB), Budget("gpu", 4096 * MiB, "GPU:0 free memory (NVML), 80.0 GiB total for device:GPU:0")],
+        target_batch_size=4096,
+    )
+    limit = ReplicaLimit(
+        worker=1, replica=3, max_batch_size=alone.batch_size, limited_by="host", budget_bytes=2048 * MiB
+    )
+    split = Distribution("MultiWorkerMirroredStrategy", 2, 0, 4, alone.batch_size, (limit,), limit)
+    distributed = dataclasses.replace(alone, distribution=split, limited_by="worker 1's host memory")
+    return {"host": alone, "gpu": gpu, "distributed": distributed}
+
+
+@pytest.mark.parametrize("which", ["host", "gpu", "distributed"])
+def test_a_plan_renders_in_80_columns_with_a_short_header_and_one_row_per_part(which):
+    plan = _fixed_plans()[which]
+    lines = rendered(plan)
+    assert max(map(len, lines)) <= 80, "\n".join(lines)
+    assert str(plan).splitlines() == lines  # str() renders at 80 columns too
+    assert lines[0].startswith("autobatch plan") and f"batch_size {plan.batch_size:,}" in lines[0]
+    assert f"strategy {plan.strategy}, {plan.steps_per_epoch:,} steps/epoch" in lines[1]
+    assert f"limited by {plan.limited_by}" in lines
+    rows = [line.split() for line in lines]
+    for use in plan.budgets:
+        peak, limit = format_bytes(use.predicted_peak_bytes), format_bytes(use.budget.limit_bytes)
+        assert any(line.startswith(f"{use.budget.kind} peak {peak} of {limit}") for line in lines), lines
+        assert [use.budget.kind, *peak.split(), "100%"] in rows
+        for name, value in use.components:  # the whole name, its bytes and its share of the peak on one row
+            share = f"{value / use.predicted_peak_bytes:.0%}"
+            assert [*name.split(), *format_bytes(value).split(), share] in rows, (name, lines)
+    if plan.gradient_accumulation_steps > 1:
+        assert f"= {plan.effective_batch_size:,} per update" in lines[0]
+    if plan.distribution is not None:
+        split = plan.distribution
+        expected = f"on {split.num_workers} worker(s), global batch {split.global_batch_size:,}"
+        assert any(line.startswith(split.strategy) and line.endswith(expected) for line in lines), lines
+
+
+def _sized_plan(*, gpu: bool):
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(3.6, 0.6, size=20_000).astype(int), 4, 2048)
+    values, counts = np.unique(lengths, return_counts=True)
+    probe = dataclasses.replace(result(n=len(lengths), raw=10 * MiB, worst=0.0), baseline_rss_bytes=700 * MiB)
+    sized = SizeAwareProbe(
+        probe=probe, sequence_columns=("seq",), variable_leaves=("x/seq",), length_values=tuple(values.tolist()),
+        length_counts=tuple(counts.tolist()), grid=(), host_model=LengthMemoryModel(700 * MiB, 2000.0),
+        gpu_model=LengthMemoryModel(300 * MiB, 8000.0) if gpu else None, bytes_per_token=4.0,
+        preprocess_peak_per_token=8.0, step_seconds=(0.005, 2e-7),
+    )
+    budgets = [host(1024 * MiB)] + ([Budget("gpu", 2048 * MiB, "gpu_limit=2GiB")] if gpu else [])
+    return make_bucket_plan(sized, budgets)
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_a_bucket_plan_renders_in_80_columns_with_one_row_per_bucket(gpu):
+    plan = _sized_plan(gpu=gpu)
+    lines = rendered(plan)
+    assert max(map(len, lines)) <= 80, "\n".join(lines)
+    assert str(plan).splitlines() == lines
+    assert lines[0].startswith("autobatch size-aware plan") and f"{len(plan.buckets)} buckets" in lines[0]
+    assert f"limited by {plan.limited_by}" in lines
+    for use in plan.budgets:
+        peak, limit = format_bytes(use.predicted_peak_bytes), format_bytes(use.budget.limit_bytes)
+        assert any(line.startswith(f"{use.budget.kind} peak {peak} of {limit}") for line in lines), lines
+    rows = [line.split() for line in lines if line.strip()[:1].isdigit()]
+    for bucket in plan.buckets:
+        cells = [
+            f"{bucket.lo:,}–{bucket.hi:,}", f"{bucket.batch_size:,}", f"{bucket.n_samples:,}", f"{bucket.steps:,}",
+            *format_bytes(bucket.predicted_peak_bytes).split(),
+        ]
+        assert [row[: len(cells)] for row in rows].count(cells) == 1, (bucket, lines)
+    assert f"{plan.fixed_batch_size:,}" in str(plan) and "padded to" in str(plan)

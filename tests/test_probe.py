@@ -1,14 +1,22 @@
+import io
 import json
+import logging
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
 import autobatch
-from autobatch import ModelError, PreprocessError, ProbeError, ProbeResult, StepTrial
+from autobatch import ModelError, PreprocessError, ProbeError, ProbeResult
 from autobatch._cache import cache_dir
+from autobatch._units import format_bytes
+from autobatch._child import Child, child_environment
 from autobatch._data import as_in_memory, sample_in_memory
-from autobatch.probe import Prober
+from autobatch.probe import Prober, StepTrial
 
 import canonical
 
@@ -218,7 +226,7 @@ def test_a_trial_that_really_runs_out_of_memory_steps_the_plan_down():
     import keras
 
     from autobatch._memory import Budget
-    from autobatch.api import confirm_plan
+    from autobatch._planning import confirm_plan
 
     # 32 MiB of activations per 1024 samples: large batches need far more than the child's cap allows.
     inputs = keras.Input((512,))
@@ -249,6 +257,59 @@ def test_hanging_child_is_killed_after_the_timeout(frame, tmp_path, monkeypatch)
     with pytest.raises(ProbeError) as excinfo:
         autobatch.probe(frame, "label", preprocess=canonical.preprocess, model="slow:build", timeout_s=4, cache=False)
     assert "longer than 4 s" in str(excinfo.value)
+
+
+# ---------------------------------------------------------------- what the child logs
+
+TF_LOG_SOURCE = re.compile(r"^[IWEF]\d{4} [\d:.]+ +\d+ ([\w.]+\.cc):\d+\] ", re.MULTILINE)
+"""The C++ file a line of TensorFlow's logging names (``I0000 00:00:17.7 12604 port.cc:153] oneDNN ...``)."""
+
+
+def _tf_start_up_logs(level: str) -> set[str]:
+    """The C++ files whose lines TensorFlow's start-up as the child does it logs at ``TF_CPP_MIN_LOG_LEVEL=level``."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": level}
+    code = "import tensorflow as tf; tf.config.list_physical_devices('GPU')"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    return set(TF_LOG_SOURCE.findall(out.stderr))
+
+
+def _child_stderr(tmp_path, monkeypatch, level: str | None) -> str:
+    """All a probe child writes on stderr (its TensorFlow start-up, then a builder printing its log level)."""
+    (tmp_path / "says_level.py").write_text(
+        "import os\n"
+        "def build():\n"
+        "    print('child level', os.environ.get('TF_CPP_MIN_LOG_LEVEL', 'unset'))\n"
+        "    return 42\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    if level is None:
+        monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    else:
+        monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", level)
+    workdir = tmp_path / f"level-{level}"
+    workdir.mkdir()
+    child = Child({"kind": "callable", "spec": "says_level:build"}, timeout_s=300, workdir=workdir)
+    with pytest.raises(ModelError) as excinfo:
+        child.info  # noqa: B018 (loads TensorFlow, then the builder's 42 is refused)
+    assert "did not give a keras.Model" in str(excinfo.value)
+    return (workdir / "child-stderr.log").read_text()
+
+
+def test_children_get_a_quiet_tensorflow_log_level_unless_the_caller_set_one():
+    assert child_environment({"PATH": "/bin"}) == {"PATH": "/bin", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+    assert child_environment({"TF_CPP_MIN_LOG_LEVEL": "0"})["TF_CPP_MIN_LOG_LEVEL"] == "0"
+
+
+def test_the_child_hides_tensorflow_start_up_logs_unless_the_caller_asks_for_them(tmp_path, monkeypatch):
+    # What level 2 hides in this TensorFlow (2.21 on this CPU: cpu_feature_guard.cc; port.cc and cudart_stub.cc
+    # log before absl::InitializeLog whatever the level, and a failed cuInit is an ERROR, which level 2 shows).
+    hidden = _tf_start_up_logs("0") - _tf_start_up_logs("2")
+    quiet = _child_stderr(tmp_path, monkeypatch, None)
+    verbose = _child_stderr(tmp_path, monkeypatch, "0")
+    assert "child level 2" in quiet and "child level 0" in verbose, (quiet, verbose)
+    assert hidden <= set(TF_LOG_SOURCE.findall(verbose)), verbose
+    assert not hidden & set(TF_LOG_SOURCE.findall(quiet)), quiet
+    print(f"start-up logs hidden at the default level: {sorted(hidden)}")
 
 
 # ---------------------------------------------------------------- cache
@@ -311,7 +372,7 @@ def test_probe_result_renders(model_probe):
 
 
 def test_sweep_spans_the_padded_axes_only_and_keeps_equal_lengths_equal():
-    from autobatch.probe import sweep_lengths
+    from autobatch._sweep import sweep_lengths
 
     observed = {
         "x.in1": [(900, 497, 1), (32, 200, 1), (32, 10, 1)],  # trial, typical row, smallest batch
@@ -329,7 +390,7 @@ def test_sweep_spans_the_padded_axes_only_and_keeps_equal_lengths_equal():
 
 
 def test_sweep_keeps_to_the_multiple_a_bucketing_preprocess_pads_to():
-    from autobatch.probe import sweep_lengths
+    from autobatch._sweep import sweep_lengths
 
     sweep = sweep_lengths({"x.seq": [(64, 512), (32, 192), (32, 64)]}, 16)
     lengths = {step["x.seq"][0] for step in sweep}
@@ -344,7 +405,7 @@ def test_the_sweep_starts_where_batches_of_the_trials_size_begin():
     frame = pd.DataFrame({"seq": [np.ones(n, np.float32) for n in range(1, 1001)], "label": np.zeros(1000)})
 
     def pad(x, y):
-        return autobatch.pad_sequences_batch(list(x["seq"])), y.to_numpy()
+        return autobatch.padding.pad_sequences_batch(list(x["seq"])), y.to_numpy()
 
     prober = Prober(frame, "label", preprocess=pad, sample_batch_size=64)
     starts = {b: prober._typical_shapes(b)["x"][1] for b in (2, 8, 64, 512)}
@@ -355,7 +416,7 @@ def test_the_sweep_starts_where_batches_of_the_trials_size_begin():
 
 
 def test_no_sweep_without_padded_axes_or_steps():
-    from autobatch.probe import sweep_lengths
+    from autobatch._sweep import sweep_lengths
 
     assert sweep_lengths({"x": [(64, 10), (32, 10)], "y": [(64, 1), (32, 1)]}, 16) == []
     assert sweep_lengths({"x": [(64, 10), (32, 5)]}, 0) == []
@@ -367,7 +428,8 @@ def test_a_trial_steps_through_its_sweep_then_the_worst_case_batch(tmp_path):
     import keras
     import tensorflow as tf
 
-    from autobatch._trial import pack_batch, trial as _trial
+    from autobatch._trial import trial as _trial
+    from autobatch._wire import pack_batch
 
     seen: list[tuple[int, ...]] = []
 
@@ -412,3 +474,41 @@ def test_step_curve_passes_through_every_finished_trial_and_never_falls():
     assert curve(96) == pytest.approx(125 * MiB) and curve.piece_at(96).between == (64, 128)
     assert curve(300) == pytest.approx(r.host_fit(300)) and curve.piece_at(300).between is None
     assert curve(4) <= 10 * MiB
+
+
+def test_errors_quote_the_child_without_tensorflows_start_up_lines_and_debug_logging_shows_all(
+    tmp_path, monkeypatch, caplog
+):
+    (tmp_path / "builder_breaks.py").write_text(
+        "import sys\ndef build():\n    print('building', file=sys.stderr)\n    raise RuntimeError('the builder broke')\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")  # every start-up line, as `autobatch probe --debug` asks
+    child = Child({"kind": "callable", "spec": "builder_breaks:build"}, timeout_s=300, workdir=tmp_path)
+    with caplog.at_level(logging.DEBUG, logger="autobatch._child"), pytest.raises(ModelError) as excinfo:
+        child.info  # noqa: B018 (the builder raises; the child is closed)
+    everything = child.stderr()
+    assert TF_LOG_SOURCE.search(everything), everything  # the child's own log keeps them
+    tail = child.stderr_tail()
+    assert "building" in tail and "the builder broke" in str(excinfo.value)
+    assert not re.search(r"^I\d{4} |^To enable", tail, re.MULTILINE) and "absl::InitializeLog" not in tail, tail
+    assert everything.strip() in caplog.text, "debug logging shows all the child printed"
+
+
+def test_the_probe_table_fits_80_columns_without_wrapping_a_name_or_a_number(frame):
+    from rich.console import Console
+
+    result = autobatch.probe(frame, "label", preprocess=canonical.preprocess, model=canonical.build_model)
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(result)
+    lines = console.export_text().splitlines()
+    assert max(map(len, lines)) <= 80
+    for name, value in [
+        ("after preprocess / sample (worst)", format_bytes(result.worst_preprocessed_bytes_per_sample)),
+        ("runtime + model (child RSS)", format_bytes(result.baseline_rss_bytes)),
+        (f"train step, batch {result.trials[-1].batch_size}", f"+{format_bytes(result.trials[-1].peak_rss_bytes - result.baseline_rss_bytes)}"),
+        ("fit: step growth, per sample", format_bytes(result.host_fit.slope_bytes)),
+    ]:
+        assert any(line.startswith(name) and line.rstrip().endswith(value) for line in lines), (name, value, lines)
+    assert any(line.strip() == f"largest rows of {result.worst_scope}" for line in lines), lines
+    assert max(map(len, str(result).splitlines())) <= 80

@@ -79,7 +79,7 @@ SCRIPT = textwrap.dedent(
     frame = pd.DataFrame({"tokens": [rng.integers(1, 50, n) for n in lengths], "label": rng.random(600)})
 
     def preprocess(x, y):
-        return {"tokens": autobatch.pad_sequences_batch(list(x["tokens"]), dtype="int32")}, y.to_numpy("float32")
+        return {"tokens": autobatch.padding.pad_sequences_batch(list(x["tokens"]), dtype="int32")}, y.to_numpy("float32")
 
     history = autobatch.fit(model, frame[["tokens"]], frame["label"], preprocess=preprocess, epochs=2,
                             ram_limit="3GiB", cache=False, max_batch_size=128)

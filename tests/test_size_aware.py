@@ -14,12 +14,15 @@ import pytest
 from rich.console import Console
 
 import autobatch
-from autobatch import Budget, ProbeResult, TensorSpec
+from autobatch import ProbeResult
+from autobatch._memory import Budget
+from autobatch.probe import TensorSpec
 from autobatch._lengths import detect_sequence_columns, sample_lengths
 from autobatch.cli import main
 from autobatch.errors import BudgetError, ConfigError, DataError, PreprocessError
-from autobatch.plan import DEFAULT_SAFETY, bucket_boundaries, expected_batch_max, make_bucket_plan
-from autobatch.size_probe import GridTrial, LengthMemoryModel, SizeAwareProbe, fit_length_model
+from autobatch._peak_lines import DEFAULT_SAFETY
+from autobatch.bucket_plan import bucket_boundaries, expected_batch_max, make_bucket_plan
+from autobatch._size_result import GridTrial, LengthMemoryModel, SizeAwareProbe, fit_length_model
 
 import canonical
 
@@ -332,10 +335,60 @@ def test_tf_dataset_export_and_bucket_by_sequence_length(skewed):
     assert all(s[0] <= sizes[boundaries.index(s[1])] for s in shapes)
 
 
+def _bucket_plan(frame):
+    lengths = frame["seq"].map(len).to_numpy()
+    return make_bucket_plan(_sized(lengths, LINEAR), [HOST_1GIB], buckets=[32, 64, 256], queue_batches=3)
+
+
+def test_make_feed_with_a_bucket_plan_is_the_size_aware_feed_of_its_buckets(skewed):
+    from autobatch.feeds import make_feed
+    from autobatch.feeds.size_aware import SizeAwareFeed, make_size_aware_feed
+
+    frame = skewed.iloc[:600]
+    plan = _bucket_plan(frame)
+    feed = make_feed(frame, "label", plan=plan, preprocess=pad_seq, seed=3)
+    same = make_size_aware_feed(
+        frame, "label", boundaries=plan.boundaries, batch_sizes=plan.batch_sizes, preprocess=pad_seq, seed=3
+    )
+    assert isinstance(feed, SizeAwareFeed) and isinstance(same, SizeAwareFeed)
+    assert feed.boundaries.tolist() == same.boundaries.tolist() == list(plan.boundaries)
+    assert feed.batch_sizes.tolist() == same.batch_sizes.tolist() == list(plan.batch_sizes)
+    assert feed.output_signature == plan.probe.output_signature and feed.max_queue_size == 3
+    assert len(feed) == len(same)
+    for i in range(len(feed)):
+        (x, y), (x_same, y_same) = feed[i], same[i]
+        assert x["seq"].shape == x_same["seq"].shape and np.array_equal(x["id"], x_same["id"])
+        assert np.array_equal(y, y_same)
+    planned = make_size_aware_feed(frame, "label", plan=plan, preprocess=pad_seq, seed=3)
+    assert [planned[i][0]["id"].tolist() for i in range(3)] == [feed[i][0]["id"].tolist() for i in range(3)]
+    train, val = make_feed(frame, "label", plan=plan, preprocess=pad_seq, validation_split=0.2)
+    assert train.n_samples + val.n_samples == 600 and train.boundaries.tolist() == list(plan.boundaries)
+
+
+def test_bucket_by_sequence_length_takes_the_buckets_of_a_plan(skewed):
+    import tensorflow as tf
+
+    from autobatch.feeds.size_aware import bucket_by_sequence_length
+
+    frame = skewed.iloc[:300]
+    plan = _bucket_plan(frame)
+    sequences = [np.asarray(s, np.float32) for s in frame["seq"]]
+
+    def shapes(**buckets):
+        dataset = tf.data.Dataset.from_generator(
+            lambda: iter(sequences), output_signature=tf.TensorSpec((None,), tf.float32)
+        )
+        return sorted(tuple(b.shape) for b in bucket_by_sequence_length(dataset, lambda s: tf.shape(s)[0], **buckets))
+
+    planned = shapes(plan=plan)
+    assert planned == shapes(boundaries=plan.boundaries, batch_sizes=plan.batch_sizes)
+    assert sum(s[0] for s in planned) == 300 and {s[1] for s in planned} <= set(plan.boundaries)
+
+
 @pytest.mark.parametrize("fmt", ["parquet", "csv"])
 def test_shard_feed_streams_every_row_once_holding_about_one_shard(tmp_path, fmt):
     from autobatch._data import ShardSource
-    from autobatch.feeds.size_aware import SizeAwareShardFeed
+    from autobatch.feeds.size_aware_shards import SizeAwareShardFeed
 
     frame = heavy_frame(900, seed=2)
     text = frame.assign(seq=frame["seq"].map(lambda a: " ".join(f"{v:.4g}" for v in a)))  # as CSV shards hold it
@@ -459,7 +512,8 @@ def test_cli_size_aware_without_a_model_exits_1(shard_dirs, capsys):
 
 
 def test_make_size_aware_feed_streams_or_loads_shards_and_refuses_unknown_data(shard_dirs):
-    from autobatch.feeds.size_aware import SizeAwareFeed, SizeAwareShardFeed, make_size_aware_feed
+    from autobatch.feeds.size_aware import SizeAwareFeed, make_size_aware_feed
+    from autobatch.feeds.size_aware_shards import SizeAwareShardFeed
 
     options = dict(boundaries=[32, 128], batch_sizes=[64, 16], preprocess=canonical.preprocess)
     streamed = make_size_aware_feed(str(shard_dirs / "csv"), "label", strategy="stream", **options)
@@ -547,7 +601,7 @@ def test_a_trial_after_a_larger_one_in_the_same_child_does_not_lift_the_fit():
 
 def test_a_split_shard_feed_recomputes_its_own_overflow_bucket(tmp_path):
     from autobatch._data import ShardSource
-    from autobatch.feeds.size_aware import SizeAwareShardFeed
+    from autobatch.feeds.size_aware_shards import SizeAwareShardFeed
 
     frame = heavy_frame(600, seed=4)
     files = []
@@ -567,7 +621,7 @@ def test_a_split_shard_feed_recomputes_its_own_overflow_bucket(tmp_path):
 
 def test_a_shard_with_other_columns_or_a_missing_target_is_named_when_the_feed_is_made(tmp_path):
     from autobatch._data import ShardSource
-    from autobatch.feeds.size_aware import SizeAwareShardFeed
+    from autobatch.feeds.size_aware_shards import SizeAwareShardFeed
 
     frame = heavy_frame(300, seed=5)
     files = []

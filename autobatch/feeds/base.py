@@ -1,18 +1,11 @@
-"""The small base every feed shares: batch index math, the preprocess call and its checks, tf.data export.
+"""The small base every feed shares: batch index math, the preprocess call, epochs, and the dispatch on data type.
 
 A feed is a ``keras.utils.PyDataset``: ``len(feed)`` batches per epoch, batch
 ``i`` by ``feed[i]``, reshuffled in ``on_epoch_end``. Subclasses say how many
 samples there are and how to fetch rows ``[lo, hi)`` of the current epoch's
-order; the base cuts the epoch into batches, runs ``preprocess`` and checks that
-every batch has the same arrays, dtypes and ranks as the first one (or as the
-probe measured), so a drifting ``preprocess`` fails on the batch that drifted
-instead of deep inside TensorFlow.
-
-Every batch is also checked for NaN/inf values (``nan_policy``), and the
-sequences ``preprocess`` truncates to a fixed ``maxlen`` with autobatch's padding
-helpers are counted (``feed.stats.truncated_sequences``). Errors about one
-row name where it came from: the row of the in-memory data, or the shard file
-and its row.
+order; the base cuts the epoch into batches, runs ``preprocess`` and checks the
+result (:class:`~autobatch.feeds.checks.BatchChecks`). Every feed also exports to
+``tf.data`` (:class:`~autobatch.feeds.export.TfDataExport`).
 
 Resume semantics: a feed serves epoch ``feed.epoch`` and moves to the next one
 only when the last batch of the epoch has been produced (``on_epoch_end``, which
@@ -24,35 +17,26 @@ order: every sample exactly once in that pass.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
 import math
 import threading
 import time
 import warnings
-import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import keras
 import numpy as np
 
-from autobatch._tfdata import prefetched
-from autobatch._units import format_bytes
 from autobatch.errors import AutobatchError, ConfigError, DataError, PreprocessError
-from autobatch.padding import Truncations, count_truncations
-from autobatch.probe import Preprocess, TensorSpec, _leaves, _resolve_preprocess
-
-if TYPE_CHECKING:
-    from autobatch.feeds.native import NativePadding, NativeShards
+from autobatch.feeds.checks import BatchChecks, FeedStats, NanPolicy, _check_batch_size, _check_nan_policy
+from autobatch.feeds.export import TfDataExport
+from autobatch.padding import count_truncations
+from autobatch._preprocess import Preprocess, _resolve_preprocess
+from autobatch._result import TensorSpec
 
 logger = logging.getLogger(__name__)
-
-SAMPLE_WEIGHT = "sample_weight"
-"""Name of the sample-weight array in signatures (the probe names inputs ``x/...`` and targets ``y...``)."""
-
-NanPolicy = Literal["warn", "error", "ignore"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,43 +54,6 @@ class RawBatch:
     """The length a size-aware feed pads this batch's sequences to (its bucket's boundary)."""
 
 
-def _map_leaves(value: Any, fn: Callable[[str, Any], Any], prefix: str) -> Any:
-    """Apply ``fn(name, leaf)`` to every array in a dict/tuple/list nest, named as the probe names them."""
-    if isinstance(value, Mapping):
-        return {key: _map_leaves(item, fn, f"{prefix}/{key}") for key, item in value.items()}
-    if isinstance(value, (tuple, list)):
-        return tuple(_map_leaves(item, fn, f"{prefix}/{i}") for i, item in enumerate(value))
-    return fn(prefix, value)
-
-
-def _check_batch_size(batch_size: int) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ConfigError(f"`batch_size` must be a positive int. Received: batch_size={batch_size!r}")
-    return int(batch_size)
-
-
-def _check_nan_policy(nan_policy: str) -> NanPolicy:
-    if nan_policy not in ("warn", "error", "ignore"):
-        raise ConfigError(f'`nan_policy` must be "warn", "error" or "ignore". Received: nan_policy={nan_policy!r}')
-    return nan_policy  # type: ignore[return-value]
-
-
-def _nonfinite_rows(array: np.ndarray) -> np.ndarray | None:
-    """Per row, whether it holds NaN or inf; ``None`` when every value is finite (or the dtype cannot hold NaN)."""
-    if array.dtype.kind not in "fc" or array.size == 0:
-        return None
-    # One pass without a temporary: a NaN or inf anywhere makes the sum non-finite (so does overflow, checked next).
-    # Summing in the array's own precision (float16 in float32) avoids a cast of every value.
-    with np.errstate(over="ignore", invalid="ignore"):
-        total = array.sum(dtype=np.result_type(array.dtype, np.float32))
-    if np.isfinite(total):
-        return None
-    bad = ~np.isfinite(array)
-    if not bad.any():
-        return None
-    return bad.reshape(len(array), -1).any(axis=1)
-
-
 def check_fraction(validation_split: float) -> float:
     """Validate a validation fraction in (0, 1)."""
     number = isinstance(validation_split, (int, float)) and not isinstance(validation_split, bool)
@@ -118,54 +65,24 @@ def check_fraction(validation_split: float) -> float:
     return float(validation_split)
 
 
-@dataclasses.dataclass
-class FeedStats:
-    """Work a feed has done producing batches (reading, slicing, preprocessing), for the monitor."""
+def checked_index(index: int, count: int) -> int:
+    """``index`` among ``count`` batches, a negative one counted from the end.
 
-    batches: int = 0
-    seconds: float = 0.0
-    truncated_sequences: int = 0
-    """Sequences ``preprocess`` cut to a fixed ``maxlen`` with autobatch's padding helpers, over all batches served."""
-    truncated_by_column: dict[str, int] = dataclasses.field(default_factory=dict)
-    """The same, per column (for :func:`autobatch.pad_columns`)."""
-    nonfinite_batches: int = 0
-    """Batches that held NaN or inf values after ``preprocess`` (with ``nan_policy="warn"``)."""
-
-
-class BackgroundReader:
-    """One lazily started reader thread for a streaming feed.
-
-    ``stop()`` ends it (a later ``pool()`` starts a new one); the owning feed stops
-    it when it is garbage-collected, without waiting.
+    Raises:
+        IndexError: ``index`` is outside ``range(count)`` (after counting from the end).
     """
-
-    def __init__(self, owner: object, name: str) -> None:
-        self._name = name
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
-        weakref.finalize(owner, self.stop, wait=False)
-
-    def pool(self) -> concurrent.futures.ThreadPoolExecutor:
-        with self._lock:
-            if self._executor is None:
-                self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
-            return self._executor
-
-    def stop(self, *, wait: bool = True) -> None:
-        with self._lock:
-            executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=wait, cancel_futures=True)
+    if index < 0:
+        index += count
+    if not 0 <= index < count:
+        raise IndexError(f"batch index {index} is out of range for a feed of {count} batches.")
+    return index
 
 
-class BaseFeed(keras.utils.PyDataset):
+class BaseFeed(BatchChecks, TfDataExport, keras.utils.PyDataset):
     """A batched, shuffled, preprocessed view of a dataset, for ``model.fit``.
 
     Subclasses implement :attr:`n_samples`, :meth:`_rows` and :meth:`_options`.
     """
-
-    _steps_fixed: bool = True
-    """Every epoch has ``len(self)`` batches at the same ``batch_bounds`` (what ``to_tf_dataset(repeat=True)`` needs)."""
 
     def __init__(
         self,
@@ -285,12 +202,7 @@ class BaseFeed(keras.utils.PyDataset):
         Raises:
             IndexError: ``index`` is outside ``range(len(self))``.
         """
-        count = len(self)
-        if index < 0:
-            index += count
-        if not 0 <= index < count:
-            raise IndexError(f"batch index {index} is out of range for a feed of {count} batches.")
-        lo = index * self.batch_size
+        lo = checked_index(index, len(self)) * self.batch_size
         return lo, min(lo + self.batch_size, self.n_samples)
 
     def __getitem__(self, index: int) -> tuple[Any, ...]:
@@ -346,130 +258,9 @@ class BaseFeed(keras.utils.PyDataset):
         """How messages name rows ``[lo, hi)`` of batch ``index`` (and ``source``, where they came from)."""
         return f"batch {index} (rows {lo}-{hi - 1} of epoch {self._epoch}{', ' + source if source else ''})"
 
-    def _record_batch(self, started: float, cut: Truncations, where: str, *, nonfinite: bool = False) -> None:
-        """Count a batch served since ``started`` (``perf_counter``), the sequences cut in it, and report the cuts."""
-        with self._lock:
-            self.stats.batches += 1
-            self.stats.seconds += time.perf_counter() - started
-            self.stats.nonfinite_batches += int(nonfinite)
-            if cut.sequences:
-                self.stats.truncated_sequences += cut.sequences
-                for name, count in cut.by_column.items():
-                    self.stats.truncated_by_column[name] = self.stats.truncated_by_column.get(name, 0) + count
-        if cut.sequences:
-            self._report_truncation(cut.sequences, cut.by_column, cut.maxlen, where)
-
     def _call_preprocess(self, raw: RawBatch) -> Any:
         """``preprocess`` on one batch's rows (a size-aware feed also pads to the batch's bucket)."""
         return self.preprocess(raw.x, raw.y)
-
-    def _warn_once(self, key: str, message: str, category: type[Warning]) -> None:
-        with self._lock:
-            if key in self._warned:
-                return
-            self._warned.add(key)
-        logger.warning("%s", message)
-        warnings.warn(message, category, stacklevel=4)
-
-    def _report_truncation(self, count: int, by_column: dict[str, int], maxlen: dict[str, int], where: str) -> None:
-        columns = ", ".join(f"{name!r} cut to {maxlen[name]}: {n}" for name, n in by_column.items())
-        logger.debug("%d sequence(s) truncated on %s (%s)", count, where, columns)
-        self._warn_once(
-            "truncation",
-            f"preprocess truncated {count} sequence(s) longer than maxlen on {where}"
-            + (f" ({columns})" if columns else "")
-            + "; later batches are counted in feed.stats.truncated_sequences (and the monitor's summary), not warned "
-            "about again. Raise maxlen if those time steps matter.",
-            UserWarning,
-        )
-
-    def _check(
-        self,
-        inputs: Any,
-        targets: Any,
-        rows: int,
-        where: str,
-        origin: Callable[[int], str] | None = None,
-        *,
-        record: bool = True,
-    ) -> None:
-        leaves = {**_leaves(inputs, "x", where), **_leaves(targets, "y", where)}
-        if not leaves:
-            raise PreprocessError(f"preprocess returned no arrays on {where}.")
-        for name, array in leaves.items():
-            if array.ndim == 0 or array.shape[0] != rows:
-                got = "a scalar" if array.ndim == 0 else f"{array.shape[0]} rows"
-                raise PreprocessError(
-                    f"preprocess must keep one row per sample: expected {rows} rows for {name} on {where}, "
-                    f"received {got}. Do not drop or add rows in preprocess."
-                )
-        found = {name: (str(a.dtype), a.ndim) for name, a in leaves.items()}
-        with self._lock:
-            if self._reference is None:
-                self._reference = (found, where)
-        expected, first = self._reference
-        if found.keys() != expected.keys():
-            raise PreprocessError(
-                f"preprocess must return the same arrays for every batch: expected {sorted(expected)} "
-                f"(as on {first}), received {sorted(found)} on {where}. Return the same keys every time."
-            )
-        for name, (dtype, ndim) in found.items():
-            if (dtype, ndim) != expected[name]:
-                want_dtype, want_ndim = expected[name]
-                raise PreprocessError(
-                    f"preprocess must return the same dtype and rank for every batch: expected {name} as "
-                    f"{want_dtype} ({want_ndim}-D, as on {first}), received {dtype} ({ndim}-D) on {where}. "
-                    "Cast explicitly (e.g. .astype('float32')) and pad to the same number of axes."
-                )
-        if self.nan_policy != "ignore":
-            self._check_finite(leaves, where, origin, record=record)
-        if self.max_batch_bytes is not None and not self._warned_bytes:
-            self._check_batch_bytes(sum(int(a.nbytes) for a in leaves.values()), where)
-
-    def _check_batch_bytes(self, nbytes: int, where: str) -> None:
-        """Warn once when a batch holds more than the probe's worst-case batch (``max_batch_bytes``)."""
-        if self.max_batch_bytes is not None and not self._warned_bytes and nbytes > self.max_batch_bytes:
-            self._warned_bytes = True
-            logger.warning(
-                "%s holds %s after preprocess, more than the %s of the probe's worst-case batch: "
-                "the plan may underestimate memory. Probe with the same preprocess and data as you train on.",
-                where,
-                format_bytes(nbytes),
-                format_bytes(self.max_batch_bytes),
-            )
-
-    def _check_finite(
-        self, leaves: dict[str, np.ndarray], where: str, origin: Callable[[int], str] | None, *, record: bool
-    ) -> None:
-        found = False
-        for name, array in leaves.items():
-            bad_rows = _nonfinite_rows(array)
-            if bad_rows is None:
-                continue
-            found = True
-            self._report_nonfinite(name, int((~np.isfinite(array)).sum()), bad_rows, where, origin)
-        if found and record:
-            with self._lock:
-                self.stats.nonfinite_batches += 1
-
-    def _report_nonfinite(
-        self, name: str, values: int, bad_rows: np.ndarray, where: str, origin: Callable[[int], str] | None
-    ) -> None:
-        """Warn once about ``values`` NaN/inf in the rows ``bad_rows`` flags (raise with ``nan_policy="error"``)."""
-        first = int(np.argmax(bad_rows))
-        message = (
-            f"{name} holds {values} NaN/inf value(s) in {int(bad_rows.sum())} row(s) on {where}; the first is row "
-            f"{first} of the batch" + (f" ({origin(first)})" if origin is not None else "") + ". NaN or inf "
-            "inputs make the loss NaN: clean the data (or what preprocess computes from it)"
-        )
-        if self.nan_policy == "error":
-            raise DataError(message + ", or pass nan_policy='warn' or 'ignore'.")
-        self._warn_once(
-            f"nonfinite:{name}",
-            message + ". Later batches are counted in feed.stats.nonfinite_batches, not warned about again; "
-            "pass nan_policy='error' to stop at the first one or 'ignore' to skip the check.",
-            RuntimeWarning,
-        )
 
     # ------------------------------------------------------------------ memory pressure
 
@@ -516,244 +307,6 @@ class BaseFeed(keras.utils.PyDataset):
             )
         return after
 
-    def step_rows(self, step: int) -> int | None:
-        """Rows in element ``step`` of the latest ``to_tf_dataset`` pass (``None`` if that pass has not produced it)."""
-        current = self._pass
-        if current is None or not 0 <= step < len(current):
-            return None
-        return current[step][0]
-
-    def step_pieces(self, step: int) -> int | None:
-        """How many pieces the batch of element ``step`` of the latest ``to_tf_dataset`` pass was cut into."""
-        current = self._pass
-        if current is None or not 0 <= step < len(current):
-            return None
-        return current[step][1]
-
-    def _pop_failure(self) -> AutobatchError | None:
-        """The autobatch error that stopped the latest ``to_tf_dataset`` pass, once (TensorFlow re-wraps it)."""
-        with self._lock:
-            failure, self._failure = self._failure, None
-        return failure
-
-    # ------------------------------------------------------------------ tf.data export
-
-    def _tf_signature(self, batches: Sequence[tuple[Any, ...]], output_signature: Sequence[TensorSpec] | None) -> Any:
-        import tensorflow as tf
-
-        probe_specs = {s.name: s for s in (output_signature or ())}
-        names = ("x", "y", SAMPLE_WEIGHT)
-        shapes: dict[str, list[tuple[int, ...]]] = {}
-        dtypes: dict[str, np.dtype] = {}
-        for batch in batches:
-            for part, name in zip(batch, names, strict=False):  # (x,), (x, y) or (x, y, w)
-
-                def collect(leaf_name: str, leaf: Any) -> None:
-                    array = np.asarray(leaf)
-                    shapes.setdefault(leaf_name, []).append(array.shape)
-                    dtypes[leaf_name] = array.dtype
-
-                _map_leaves(part, collect, name)
-
-        def spec(leaf_name: str, leaf: Any) -> Any:
-            measured = probe_specs.get(leaf_name)
-            if measured is not None:
-                if len(measured.shape) != np.ndim(leaf) or np.dtype(measured.dtype) != dtypes[leaf_name]:
-                    raise PreprocessError(
-                        f"the output signature says {leaf_name} is {measured.dtype} ({len(measured.shape)}-D), but "
-                        f"batch 0 holds {dtypes[leaf_name]} ({np.ndim(leaf)}-D). Pass the signature of this preprocess."
-                    )
-                return tf.TensorSpec((None, *measured.shape[1:]), tf.as_dtype(measured.dtype), name=leaf_name)
-            seen = shapes[leaf_name]
-            dims = tuple(d if all(s[k] == d for s in seen) else None for k, d in enumerate(seen[0]))
-            return tf.TensorSpec((None, *dims[1:]), tf.as_dtype(dtypes[leaf_name]), name=leaf_name)
-
-        return tuple(_map_leaves(part, spec, name) for part, name in zip(batches[0], names, strict=False))
-
-    def to_tf_dataset(
-        self,
-        output_signature: Sequence[TensorSpec] | None = None,
-        *,
-        infer_batches: int = 2,
-        prefetch: int | Literal["autotune"] = 2,
-        adaptive: bool = False,
-        repeat: bool = False,
-        epochs: int | None = None,
-    ) -> Any:
-        """This feed as a ``tf.data.Dataset`` of the same batches, ``prefetch`` of them produced ahead.
-
-        Each full pass over the dataset is one epoch of the feed: as the last
-        batch is produced the feed moves to the next epoch's shuffle order, as
-        with Keras. A pass that stops early leaves the epoch unchanged (see the
-        module's resume semantics).
-
-        With ``repeat=True`` one pass serves epoch after epoch: train it with
-        ``model.fit(..., epochs=n, steps_per_epoch=len(feed))``, as :func:`autobatch.fit`
-        does. Keras then keeps one iterator for the whole ``fit`` instead of making a
-        new one every epoch (on the canonical example that costs 30–50 ms an epoch,
-        more with a ``PadColumns`` export, whose map function is instantiated anew),
-        and the next epoch's first batches are made while the current one's last
-        steps train. Pass ``epochs=n`` (the epochs the fit trains) and the pass ends
-        after the last batch of its ``n``-th epoch: without it, the prefetch and
-        the generator run on into an epoch that never trains, preprocessing (and,
-        streaming, reading shards for) up to ``prefetch`` more batches.
-
-        Args:
-            output_signature: the probe's :class:`~autobatch.TensorSpec` tuple
-                (``plan.probe.output_signature``); default: the one the feed was
-                built with, else inferred from the first ``infer_batches``
-                batches (axes that differ between them become ``None``).
-            infer_batches: how many batches to look at when inferring.
-            prefetch: batches to prefetch: a fixed number — what a memory plan budgets
-                (``plan.queue_batches``, 2 by default) — or ``"autotune"`` (tf.data decides,
-                and may hold more than the plan budgets). A fixed number also turns tf.data's
-                autotuning off for this pipeline (see ``autobatch._tfdata.prefetched``).
-            adaptive: follow :meth:`shrink`: each batch is produced in ``self.pieces``
-                pieces, so an epoch may hold more elements than ``len(self)``. The
-                dataset then reports the rows per epoch as its ``cardinality()`` (an
-                upper bound: Keras, told an unknown count, would fix every epoch at the
-                first epoch's count) and each pass ends when the epoch's rows are
-                served; Keras warns "Your input ran out of data" at the end of each epoch,
-                which :func:`autobatch.fit` silences.
-            repeat: serve every epoch from one pass (above); the dataset's cardinality
-                is then infinite, or ``epochs × len(self)``. Not with ``adaptive``, nor
-                for feeds whose batches per epoch vary (size-aware feeds).
-            epochs: with ``repeat``, how many epochs the pass serves before it ends
-                (``None``: without end). Each epoch is the feed's next one, from
-                :attr:`epoch` on.
-
-        Returns:
-            A ``tf.data.Dataset`` of ``(inputs, targets[, sample_weight])`` with an
-            exact ``element_spec`` and known cardinality ``len(self)`` (rows per epoch
-            with ``adaptive``; with ``repeat``, ``epochs × len(self)`` or infinite).
-
-        Raises:
-            PreprocessError: ``output_signature`` disagrees with the first batch's
-                dtypes or ranks. A later batch that does not fit the signature
-                (e.g. an axis inferred as fixed varies) fails while iterating, as
-                ``tf.errors.UnknownError`` carrying the ``PreprocessError`` message:
-                pass the probe's signature, or pad that axis to a fixed length.
-            ConfigError: ``repeat`` with ``adaptive``, or for a feed whose batches per epoch vary;
-                ``epochs`` without ``repeat``, or not a positive int.
-        """
-        import tensorflow as tf
-
-        if repeat and (adaptive or not self._steps_fixed):
-            why = "adaptive=True" if adaptive else f"a {type(self).__name__}, whose batches per epoch vary"
-            raise ConfigError(
-                f"repeat=True needs the same batches every epoch (steps_per_epoch=len(feed)); received {why}. "
-                "Pass repeat=False: Keras then makes a new iterator every epoch."
-            )
-        if epochs is not None:
-            if not repeat:
-                raise ConfigError(
-                    "`epochs` bounds a repeating pass: pass repeat=True with it (without, every pass is one epoch). "
-                    f"Received: epochs={epochs!r}, repeat=False"
-                )
-            if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
-                raise ConfigError(f"`epochs` must be a positive int or None. Received: epochs={epochs!r}")
-            epochs = int(epochs)
-        signature_specs = output_signature if output_signature is not None else self.output_signature
-        count = len(self)
-        if count == 0:
-            raise ConfigError("the feed has no batches (drop_remainder=True with fewer samples than batch_size).")
-        looked = [
-            self._serve(*self.batch_bounds(i), i, record=False)
-            for i in range(min(max(infer_batches, 1), count) if signature_specs is None else 1)
-        ]
-        signature = self._tf_signature(looked, signature_specs)
-        # Whatever the look loaded (shards) would otherwise stay resident until this feed's first epoch ends,
-        # e.g. a validation feed's shards through the whole training epoch.
-        self.close()
-        flat_specs = tf.nest.flatten(signature)
-        native = None if adaptive else self._native_export(signature)
-
-        def make(lo: int, hi: int, index: int) -> tuple[Any, ...]:
-            if native is not None:
-                return native.element(lo, hi, index)
-            return self._conform(self._serve(lo, hi, index), flat_specs, f"batch {index}")
-
-        def generate() -> Iterator[tuple[Any, ...]]:
-            rows_log: list[tuple[int, int]] | None = None if repeat else []
-            with self._lock:
-                # What the monitor reads: (rows, pieces of its batch) of each element, in order. A repeating pass
-                # runs ahead into the next epoch; its batches are batch_bounds', which the monitor falls back to.
-                self._pass = rows_log
-            try:
-                served = 0
-                while True:
-                    yield from self._pass_elements(make, rows_log, adaptive)
-                    served += 1
-                    # Past the last epoch that trains, nothing is prepared (or read ahead): the pass just ends.
-                    if not repeat or (epochs is not None and served >= epochs):
-                        break
-            except AutobatchError as exc:
-                with self._lock:
-                    self._failure = exc  # TensorFlow re-raises it as UnknownError; autobatch.fit restores it
-                raise
-
-        if native is None:
-            dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
-        else:  # the generator hands out row indices (or rows' values and lengths); TensorFlow pads them
-            dataset = tf.data.Dataset.from_generator(generate, output_signature=native.element_signature)
-            dataset = dataset.map(native.assemble)
-        if not adaptive:
-            cardinality = count
-            if repeat:
-                cardinality = tf.data.INFINITE_CARDINALITY if epochs is None else count * epochs
-            dataset = dataset.apply(tf.data.experimental.assert_cardinality(cardinality))
-        dataset = prefetched(dataset, prefetch)
-        if adaptive:
-            upper = count * self.batch_size if self.drop_remainder else self.n_samples
-            dataset.cardinality = lambda: tf.constant(upper, dtype=tf.int64)
-        return dataset
-
-    def _conform(self, batch: tuple[Any, ...], flat_specs: Sequence[Any], what: str) -> tuple[Any, ...]:
-        """``batch`` as numpy arrays, checked against the dataset's flat ``tf.TensorSpec`` list."""
-        import tensorflow as tf
-
-        converted = tuple(_map_leaves(part, lambda _, leaf: np.asarray(leaf), "") for part in batch)
-        for spec, array in zip(flat_specs, tf.nest.flatten(converted), strict=True):
-            self._check_shape(spec, array.shape, what)
-        return converted
-
-    def _check_shape(self, spec: Any, shape: tuple[int, ...], what: str) -> None:
-        """A :class:`PreprocessError` when ``shape`` does not fit the dataset's ``tf.TensorSpec`` ``spec``."""
-        if not spec.shape.is_compatible_with(shape):
-            raise PreprocessError(
-                f"{what} of epoch {self._epoch} gives {spec.name} the shape {shape}, "
-                f"which does not fit the dataset's signature {spec.shape}. Pass "
-                "output_signature=plan.probe.output_signature (axes that vary are None there) "
-                "or pad that axis to a fixed length."
-            )
-
-    def _native_export(self, signature: Any) -> NativePadding | NativeShards | None:
-        """How to make this feed's batches with TensorFlow ops for ``to_tf_dataset``; ``None``: in Python."""
-        return None
-
-    def _pass_elements(
-        self,
-        make: Callable[[int, int, int], tuple[Any, ...]],
-        rows_log: list[tuple[int, int]] | None,
-        adaptive: bool,
-    ) -> Iterator[tuple[Any, ...]]:
-        """One epoch's elements, ``make(lo, hi, batch)``: each batch whole, or (``adaptive``) in ``self.pieces``."""
-        count = len(self)
-        for i in range(count):
-            lo, hi = self.batch_bounds(i)
-            split = self._pieces if adaptive else 1
-            pieces = min(split, hi - lo)
-            cuts = np.linspace(lo, hi, pieces + 1).round().astype(np.int64)
-            for j in range(pieces):
-                element = make(int(cuts[j]), int(cuts[j + 1]), i)
-                if rows_log is not None:
-                    rows_log.append((int(cuts[j + 1] - cuts[j]), split))
-                if i == count - 1 and j == pieces - 1:
-                    # The epoch is complete once its last batch exists: advance now, not after the consumer asks
-                    # for one more element (Keras stops at the known count and may never ask).
-                    self.on_epoch_end()
-                yield element
-
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(n_samples={self.n_samples}, batch_size={self.batch_size}, batches={len(self)}, "
@@ -769,7 +322,7 @@ def build_feed(
     x: Any,
     y: Any,
     *,
-    strategy: str,
+    strategy: str | None,
     in_memory: Callable[..., BaseFeed],
     stream: Callable[..., BaseFeed],
     options: dict[str, Any],
@@ -777,6 +330,8 @@ def build_feed(
     seed: int,
 ) -> BaseFeed | tuple[BaseFeed, BaseFeed]:
     """Dispatch ``x`` to the in-memory or the streaming feed class (what ``make_feed`` and its kin share).
+
+    ``strategy=None`` is ``"auto"``.
 
     Raises:
         ConfigError: ``strategy`` is not one of ``"auto"``, ``"in_memory"``, ``"stream"``.
@@ -790,6 +345,7 @@ def build_feed(
     from autobatch._data import InMemoryData, ShardSource
     from autobatch._loading import is_callable_spec, resolve_callable
 
+    strategy = "auto" if strategy is None else strategy
     if strategy not in ("auto", "in_memory", "stream"):
         raise ConfigError(f'`strategy` must be "auto", "in_memory" or "stream". Received: strategy={strategy!r}')
     options = dict(options)

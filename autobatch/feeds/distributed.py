@@ -40,11 +40,12 @@ import keras
 import numpy as np
 
 from autobatch._distribute import Layout, current_strategy, strategy_layout
-from autobatch.errors import AutobatchError, ConfigError
 from autobatch._tfdata import prefetched
+from autobatch.errors import AutobatchError, ConfigError
 from autobatch.feeds.base import BaseFeed
+from autobatch.feeds.buckets import Bucketed
 from autobatch.feeds.shards import ShardFeed
-from autobatch.probe import TensorSpec
+from autobatch._result import TensorSpec
 
 logger = logging.getLogger(__name__)
 
@@ -288,16 +289,16 @@ def distribute_feed(
         >>> with strategy.scope():
         ...     model = build_and_compile()
         >>> plan = autobatch.plan(df, "label", preprocess=pad, model=model)   # inside the scope, or strategy=
-        >>> share = autobatch.distribute_feed(plan.feed(df, "label", preprocess=pad), plan, strategy)
+        >>> feed = autobatch.make_feed(df, "label", plan=plan, preprocess=pad)
+        >>> share = autobatch.distribute_feed(feed, plan, strategy)
         >>> with share.keras_workarounds(model):
         ...     model.fit(share.dataset, epochs=3, callbacks=[share.callback])
     """
-    from autobatch.feeds.size_aware import SizeAwareFeed, SizeAwareShardFeed
-
-    if isinstance(feed, (SizeAwareFeed, SizeAwareShardFeed)):
+    if isinstance(feed, Bucketed):
         raise ConfigError(
             f"distribute_feed cannot share a {type(feed).__name__} across replicas yet: its batches differ in size "
-            "by bucket, and replicas must step together. Use a fixed-batch feed (plan.feed) under tf.distribute."
+            "by bucket, and replicas must step together. Use a fixed-batch feed (make_feed(..., plan=plan) with a "
+            "fixed-batch Plan) under tf.distribute."
         )
     import tensorflow as tf
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -11,10 +11,8 @@ import pandas as pd
 from autobatch._data import InMemoryData, as_in_memory
 from autobatch.errors import ConfigError, DataError
 from autobatch.feeds.base import BaseFeed, RawBatch, check_fraction
+from autobatch.feeds.native.in_memory import NativePadding, NativeStore, build_store
 from autobatch.padding import PadColumns
-
-if TYPE_CHECKING:
-    from autobatch.feeds.native import NativePadding, NativeStore
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +37,7 @@ class InMemoryFeed(BaseFeed):
         drop_remainder: drop the last, smaller batch of each epoch.
         sample_weight: per-sample weights (an array of ``n`` values, or a column
             name of ``x``), returned as the third element of each batch.
-        output_signature: the probe's :class:`~autobatch.TensorSpec` tuple:
+        output_signature: the probe's :class:`~autobatch.probe.TensorSpec` tuple:
             every batch is checked against it, and :meth:`to_tf_dataset` uses it.
         max_batch_bytes: the probe's worst-case bytes of one preprocessed batch;
             a larger batch logs one warning.
@@ -122,16 +120,25 @@ class InMemoryFeed(BaseFeed):
 
     def _native_export(self, signature: Any) -> NativePadding | None:
         """With a :class:`~autobatch.PadColumns` ``preprocess``, TensorFlow pads the batches (see ``feeds.native``)."""
-        from autobatch.feeds import native
-
         pad = self.preprocess
         if not isinstance(pad, PadColumns) or not pad.pads_in_tensorflow:
             return None
         if self._native is None:
-            self._native = native.build_store(self, pad) or False  # False: this data pads in Python
+            x, y = self.data.take(self._indices)
+            store = build_store(
+                pad,
+                x,
+                y,
+                rows=self._indices,
+                n_data=self.data.n_samples,
+                sample_weight=self.sample_weight,
+                check_nonfinite=self.nan_policy != "ignore",
+                describe_row=self._describe_row,
+            )
+            self._native = store or False  # False: this data pads in Python
         if not self._native:
             return None
-        return native.NativePadding.export(self, pad, self._native, signature)
+        return NativePadding.export(self, pad, self._native, signature)
 
     @property
     def native_bytes(self) -> int:

@@ -16,71 +16,39 @@ cache of the files the current batch needs plus the read-ahead (plus one per
 extra Keras worker): memory is about ``(1 + read_ahead)`` files, whatever the
 number of shards.
 
-With a :class:`~autobatch.PadColumns` ``preprocess``, :meth:`~autobatch.BaseFeed.to_tf_dataset`
+With a :class:`~autobatch.PadColumns` ``preprocess``, :meth:`~autobatch.feeds.BaseFeed.to_tf_dataset`
 reads each file once into flat values and row lengths in the epoch's row order
 (``feeds.native``) and TensorFlow pads: a batch costs Python a few slices.
+
+The files, their schema and row counts, and the validation split by whole files
+are ``feeds.shard_set``'s.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import os
-import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from autobatch._data import ShardInfo, ShardSource, read_parquet_columns, read_shard, shard_format, shard_info
-from autobatch.errors import ConfigError, DataError
-from autobatch.feeds.base import BackgroundReader, BaseFeed, RawBatch, check_fraction
+from autobatch._data import ShardSource
+from autobatch.errors import ConfigError
+from autobatch.feeds.base import RawBatch
+from autobatch.feeds.native.shards import NativeShards, RaggedShard, ragged_shard
+from autobatch.feeds.read_ahead import BackgroundReader
+from autobatch.feeds.shard_set import ShardIndex, ShardSourced, concat_rows, shard_row
 from autobatch.padding import PadColumns
 
-if TYPE_CHECKING:
-    from autobatch.feeds.native import NativeShards, RaggedShard
-
 logger = logging.getLogger(__name__)
-
-
-class ShardIndex:
-    """Columns and row counts of shard files, cached per path, size and modification time.
-
-    One index is shared by a feed and the feeds split from it, so each CSV is
-    counted once; a file that changed on disk is counted again.
-    """
-
-    def __init__(self) -> None:
-        self._infos: dict[tuple[str, int, int], ShardInfo] = {}
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict[str, Any]:
-        with self._lock:
-            return {"_infos": dict(self._infos)}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self._infos = state["_infos"]
-        self._lock = threading.Lock()
-
-    def info(self, path: Path) -> ShardInfo:
-        """The :class:`ShardInfo` of ``path``, counted on first use."""
-        try:
-            stat = path.stat()
-        except OSError:
-            return shard_info(path)  # raises the DataError naming the file
-        key = (str(path.resolve()), int(stat.st_size), int(stat.st_mtime_ns))
-        with self._lock:
-            cached = self._infos.get(key)
-        if cached is None:
-            cached = shard_info(path)
-            with self._lock:
-                self._infos[key] = cached
-        return cached
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -95,110 +63,7 @@ class _LoadedShard:
     """Row order within the shard for this epoch (``None``: file order)."""
 
 
-def shard_row(path: Path, row: int) -> str:
-    """How messages name row ``row`` of a shard file."""
-    return f"row {row} of shard {str(path)!r} (0-based, not counting the header)"
-
-
-def _concat(parts: list[Any]) -> Any:
-    if parts[0] is None:
-        return None
-    if len(parts) == 1:
-        return parts[0]
-    if isinstance(parts[0], (pd.DataFrame, pd.Series)):
-        return pd.concat(parts, ignore_index=True)
-    return np.concatenate(parts)
-
-
-
-def open_shards(
-    source: str | os.PathLike[str] | ShardSource,
-    target: str | Sequence[str] | None,
-    index: ShardIndex | None,
-    sample_weight: str | None = None,
-) -> tuple[ShardSource, ShardIndex, tuple[ShardInfo, ...]]:
-    """The shard source (with ``target``), the row-count index, and each file's :class:`ShardInfo`.
-
-    Raises:
-        DataError: a shard's columns differ from the first one's (naming the file and the columns), the
-            target or weight columns are missing, or no input column remains.
-    """
-    resolved = source if isinstance(source, ShardSource) else ShardSource.from_spec(source, target)
-    if isinstance(source, ShardSource) and target is not None:
-        resolved = dataclasses.replace(resolved, target=target if isinstance(target, str) else tuple(target))
-    index = index if index is not None else ShardIndex()
-    shards = tuple(index.info(path) for path in resolved.files)
-    wanted = list(target_names(resolved)) + ([sample_weight] if sample_weight is not None else [])
-    _check_columns(shards, wanted)
-    return resolved, index, shards
-
-
-def target_names(source: ShardSource) -> tuple[str, ...]:
-    """The target column name(s) of ``source``."""
-    if source.target is None:
-        return ()
-    return (source.target,) if isinstance(source.target, str) else tuple(source.target)
-
-
-def _check_columns(shards: Sequence[ShardInfo], wanted: Sequence[str]) -> None:
-    first = shards[0]
-    for shard in shards[1:]:
-        if shard.columns != first.columns:
-            missing = [c for c in first.columns if c not in shard.columns]
-            extra = [c for c in shard.columns if c not in first.columns]
-            raise DataError(
-                f"shard {str(shard.path)!r} has columns {list(shard.columns)}, but the first shard "
-                f"{str(first.path)!r} has {list(first.columns)} (missing: {missing}, unexpected: {extra}). "
-                "All shards must share one schema: fix or remove that file."
-            )
-    missing = [name for name in wanted if name not in first.columns]
-    if missing:
-        raise DataError(
-            f"column(s) {missing} not found in shard {str(first.path)!r}, whose columns are {list(first.columns)}. "
-            "Pass the right `target`/`sample_weight` column name(s)."
-        )
-    if not [c for c in first.columns if c not in wanted]:
-        raise DataError(
-            f"every column of shard {str(first.path)!r} ({list(first.columns)}) is a target or weight column, "
-            "so no inputs remain. Name only the target column(s) in `target`."
-        )
-
-
-def hold_out_shards(
-    shards: Sequence[ShardInfo], validation_split: float, seed: int
-) -> tuple[list[Path], list[Path]]:
-    """``(train_files, validation_files)``: whole shards, about ``validation_split`` of the rows held out.
-
-    Shards are drawn in a random order fixed by ``seed`` and held out while that
-    brings the held-out rows closer to the fraction; each side gets at least one.
-
-    Raises:
-        ConfigError: the fraction is out of range, or there is only one shard.
-    """
-    fraction = check_fraction(validation_split)
-    n_files = len(shards)
-    if n_files < 2:
-        raise ConfigError(
-            f"a streaming validation split holds out whole shards, so it needs at least 2; received 1 shard "
-            f"({str(shards[0].path)!r}). Write more, smaller shards or load the data in memory."
-        )
-    counts = np.array([s.n_rows for s in shards], dtype=np.int64)
-    chosen = np.random.default_rng([seed, 1]).permutation(n_files)
-    held = np.cumsum(counts[chosen])
-    # Number of held-out shards whose rows come closest to the target, leaving both sides non-empty.
-    k = 1 + int(np.argmin(np.abs(held[: n_files - 1] - fraction * counts.sum())))
-    val_set = set(chosen[:k].tolist())
-    val_rows = int(held[k - 1])
-    logger.info(
-        "validation split: %d shard(s) (%d rows, %.1f%%) held out of %d", k, val_rows, 100 * val_rows / counts.sum(),
-        n_files,
-    )
-    val_files = [s.path for i, s in enumerate(shards) if i in val_set]
-    train_files = [s.path for i, s in enumerate(shards) if i not in val_set]
-    return train_files, val_files
-
-
-class ShardFeed(BaseFeed):
+class ShardFeed(ShardSourced):
     """Batches streamed from CSV or Parquet shard files, every row exactly once per epoch.
 
     Args:
@@ -244,18 +109,12 @@ class ShardFeed(BaseFeed):
             raise ConfigError(
                 f"`read_ahead` must be an int >= 0 (files loaded ahead). Received: read_ahead={read_ahead!r}"
             )
-        self.source, self._index, self.shards = open_shards(source, target, index, sample_weight)
-        self.read_ahead = read_ahead
-        self.sample_weight = sample_weight
-        self._counts = np.array([s.n_rows for s in self.shards], dtype=np.int64)
+        self._open_shards(source, target, index=index, sample_weight=sample_weight, read_ahead=read_ahead)
         if self.drop_remainder and self.n_samples < self.batch_size:
             raise ConfigError(
                 f"drop_remainder=True with batch_size={self.batch_size} leaves no batch of the {self.n_samples} rows "
                 f"in {len(self.shards)} shard(s). Lower the batch size or keep the remainder."
             )
-
-    def _target_names(self) -> tuple[str, ...]:
-        return target_names(self.source)
 
     # ------------------------------------------------------------------ runtime state
 
@@ -281,15 +140,6 @@ class ShardFeed(BaseFeed):
         self._reader.stop()
 
     # ------------------------------------------------------------------ epochs
-
-    @property
-    def n_samples(self) -> int:
-        return int(self._counts.sum())
-
-    @property
-    def files(self) -> tuple[Path, ...]:
-        """The shard files, in numeric order."""
-        return tuple(s.path for s in self.shards)
 
     def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """This epoch's file order and where each file starts in the epoch's row sequence."""
@@ -332,21 +182,6 @@ class ShardFeed(BaseFeed):
 
     # ------------------------------------------------------------------ loading
 
-    def _read_frame(self, shard: ShardInfo) -> pd.DataFrame:
-        """Read one shard's rows (a seam for tests that exercise the batch cutting without files)."""
-        return read_shard(shard.path, columns=list(self.shards[0].columns))
-
-    def _read_table(self, shard: ShardInfo, columns: Sequence[str]) -> Any:
-        """``columns`` of a Parquet shard as a ``pyarrow.Table`` for a native export; ``None`` for CSV (pandas)."""
-        return read_parquet_columns(shard.path, columns) if shard_format(shard.path) == "parquet" else None
-
-    def _check_rows(self, shard: ShardInfo, n_rows: int) -> None:
-        if n_rows != shard.n_rows:
-            raise DataError(
-                f"shard {str(shard.path)!r} has {n_rows} rows now, but {shard.n_rows} were counted when the feed "
-                "was made: the file changed (or pandas and pyarrow parse it differently). Re-create the feed."
-            )
-
     def _row_order(self, file_index: int, epoch: int) -> np.ndarray | None:
         """Row order within shard ``file_index`` for ``epoch`` (``None``: file order)."""
         if not self.shuffle:
@@ -354,10 +189,9 @@ class ShardFeed(BaseFeed):
         return np.random.default_rng([self.seed, epoch, 1, file_index]).permutation(self.shards[file_index].n_rows)
 
     def _load_native(self, file_index: int, epoch: int) -> RaggedShard:
-        from autobatch.feeds import native
-
         shard = self.shards[file_index]
-        loaded = native.ragged_shard(self, self.preprocess, shard, self._row_order(file_index, epoch))
+        order = self._row_order(file_index, epoch)
+        loaded = ragged_shard(self, self.preprocess, shard, order, file_row=functools.partial(shard_row, shard.path))
         logger.debug(
             "loaded shard %s (%d rows, %d bytes) for epoch %d natively", shard.path, shard.n_rows, loaded.nbytes, epoch
         )
@@ -365,17 +199,7 @@ class ShardFeed(BaseFeed):
 
     def _load(self, file_index: int, epoch: int) -> _LoadedShard:
         shard = self.shards[file_index]
-        frame = self._read_frame(shard)
-        self._check_rows(shard, len(frame))
-        targets = list(self._target_names())
-        y: pd.Series | pd.DataFrame | None = None
-        if targets:
-            y = frame[targets[0]] if isinstance(self.source.target, str) else frame[targets]
-        weights = None
-        if self.sample_weight is not None:
-            weights = frame[self.sample_weight].to_numpy(dtype=np.float32)
-        dropped = targets + ([self.sample_weight] if self.sample_weight is not None else [])
-        x = frame.drop(columns=dropped) if dropped else frame
+        x, y, weights = self._read_parts(shard)
         order = self._row_order(file_index, epoch)
         logger.debug("loaded shard %s (%d rows) for epoch %d", shard.path, shard.n_rows, epoch)
         return _LoadedShard(shard.path, x, y, weights, order)
@@ -476,15 +300,13 @@ class ShardFeed(BaseFeed):
         xs = [shard.x.iloc[rows] for shard, rows in pieces]
         ys = [shard.y.iloc[rows] if shard.y is not None else None for shard, rows in pieces]
         ws = [shard.sample_weight[rows] if shard.sample_weight is not None else None for shard, rows in pieces]
-        return RawBatch(_concat(xs), _concat(ys), _concat(ws), where, origin=origin)
+        return RawBatch(concat_rows(xs), concat_rows(ys), concat_rows(ws), where, origin=origin)
 
     def _native_export(self, signature: Any) -> NativeShards | None:
         """With a :class:`~autobatch.PadColumns` ``preprocess``, TensorFlow pads the batches (see ``feeds.native``)."""
-        from autobatch.feeds import native
-
         if not isinstance(self.preprocess, PadColumns):
             return None
-        return native.NativeShards.export(self, self.preprocess, signature)
+        return NativeShards.export(self, self.preprocess, signature)
 
     # ------------------------------------------------------------------ splitting
 
@@ -498,27 +320,6 @@ class ShardFeed(BaseFeed):
             index=self._index,
             **options,
         )
-
-    def split(self, validation_split: float, *, seed: int | None = None) -> tuple[ShardFeed, ShardFeed]:
-        """Hold out whole shards, about ``validation_split`` of the rows, as a validation feed.
-
-        Shards are drawn in a random order fixed by ``seed`` (default: the feed's)
-        and held out while that brings the held-out rows closer to the fraction;
-        at least one shard goes to each side. No file is in both feeds, so no
-        row leaks between them. The validation feed reads in file order and never shuffles.
-
-        Args:
-            validation_split: fraction of the rows to hold out, in (0, 1).
-            seed: seed of the draw.
-
-        Returns:
-            ``(train_feed, validation_feed)``.
-
-        Raises:
-            ConfigError: the fraction is out of range, or there is only one shard.
-        """
-        train_files, val_files = hold_out_shards(self.shards, validation_split, self.seed if seed is None else seed)
-        return self._derive(train_files), self._derive(val_files, shuffle=False, drop_remainder=False)
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", shards={len(self.shards)}, read_ahead={self.read_ahead})"
