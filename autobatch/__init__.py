@@ -1,7 +1,8 @@
 """autobatch: measure, don't guess, the batch size that fits Keras/TensorFlow training in memory.
 
 The public names are the ones a training script needs; everything else lives in submodules
-(``autobatch.plan.make_plan``, ``autobatch.padding.count_truncations``, ...) or is private.
+(``from autobatch.plan import make_plan``, ``from autobatch.padding import count_truncations``, ...)
+or is private.
 """
 
 from __future__ import annotations

@@ -34,10 +34,10 @@ from typing import Any
 
 from autobatch._memory import Budget, gpu_budget
 from autobatch._replicas import Distribution, ReplicaLimit
+from autobatch._result import ProbeResult
 from autobatch._units import format_bytes
 from autobatch.errors import ConfigError
 from autobatch.plan import Plan, make_plan
-from autobatch._result import ProbeResult
 
 __all__ = [
     "ClusterSummary",
@@ -301,7 +301,11 @@ def distribute_plan(
     result = local_plan.probe
     batch, limiting = agree(limits, n_samples=result.n_samples)
     cap = options.get("max_batch_size")
-    chosen = plan_fn(result, budgets, **{**options, "max_batch_size": batch if cap is None else min(cap, batch)})
+    if batch == local_plan.batch_size:
+        # This worker's own plan is the agreement: keep the trials that confirmed it or bracket it.
+        chosen = local_plan
+    else:
+        chosen = plan_fn(result, budgets, **{**options, "max_batch_size": batch if cap is None else min(cap, batch)})
     distribution = Distribution(
         strategy=layout.strategy,
         num_workers=layout.num_workers,

@@ -111,8 +111,8 @@ def check_targets(model: Any, x: Any, y: Any, preprocess: Any) -> None:
     import pandas as pd
 
     from autobatch._data import ShardSource
-    from autobatch._shard_files import shard_info
     from autobatch._loading import is_callable_spec
+    from autobatch._shard_files import shard_info
 
     if y is not None or preprocess is not None or getattr(model, "loss", None) is None:
         return

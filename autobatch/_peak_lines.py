@@ -32,8 +32,8 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from autobatch._memory import Budget
-from autobatch.errors import ConfigError
 from autobatch._result import ProbeResult, StepCurve
+from autobatch.errors import ConfigError
 
 Strategy = Literal["in_memory", "stream"]
 

@@ -18,11 +18,11 @@ from typing import Any, Protocol
 
 from autobatch import _cache, _distribute
 from autobatch._memory import Budget, gpu_budget, host_budget, rss_bytes
+from autobatch._preprocess import Preprocess
+from autobatch._result import ProbeResult, StepTrial
 from autobatch.bucket_plan import Bucket, BucketPlan, make_bucket_plan
 from autobatch.errors import ConfigError, ProbeError
 from autobatch.plan import Plan, make_plan
-from autobatch._preprocess import Preprocess
-from autobatch._result import ProbeResult, StepTrial
 from autobatch.probe import Prober
 
 logger = logging.getLogger(__name__)

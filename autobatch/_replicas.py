@@ -66,8 +66,3 @@ class Distribution:
             f"on {self.num_workers} worker(s) = global batch {self.global_batch_size:,}; the limit is set by "
             f"{self.limiting.describe()}{tail}"
         )
-
-    def __rich__(self) -> Any:
-        from rich.text import Text
-
-        return Text(self.describe(), style="cyan")

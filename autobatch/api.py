@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from autobatch import _distribute
 from autobatch._fit_checks import check_distributed, check_fit_kwargs, check_targets
-from autobatch._planning import confirm_plan, plan, plan_size_aware
+from autobatch._planning import plan, plan_size_aware
+from autobatch._preprocess import Preprocess
 from autobatch.errors import AutobatchError, ConfigError
 from autobatch.plan import Plan
-from autobatch._preprocess import Preprocess
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-__all__ = ["confirm_plan", "fit", "plan", "plan_size_aware"]
+__all__ = ["fit", "plan", "plan_size_aware"]
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from typing import Any
 from autobatch._memory import Budget
 from autobatch._peak_lines import DEVICE_PART, BudgetUse, Margin, Strategy, allowed, budget_use, host_terms
 from autobatch._plan_render import as_text, budget_line, plan_view
+from autobatch._result import ProbeResult
 from autobatch._units import format_bytes
 from autobatch.errors import BudgetError, ConfigError
-from autobatch._result import ProbeResult
 
 _SHORT_LIMITS = {"a real trial that ran out of memory": "out-of-memory trial"}
 """What a bucket's row says for a limit whose full name would not fit an 80-column row."""

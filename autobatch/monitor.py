@@ -34,12 +34,12 @@ import keras
 from rich.console import Console
 from rich.table import Table
 
-from autobatch._readings import MemoryReading, MonitorSummary, plot_log, read_memory, summary_from_log
+from autobatch._readings import MemoryReading, MonitorSummary, read_memory
 from autobatch._units import format_bytes
 from autobatch.errors import ConfigError
 from autobatch.plan import Plan
 
-__all__ = ["MemoryMonitor", "MemoryReading", "MonitorSummary", "plot_log", "read_memory", "summary_from_log"]
+__all__ = ["MemoryMonitor", "MemoryReading", "MonitorSummary", "read_memory"]
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ The predicted peak at batch ``b`` is a sum of named lines ``a + s·b`` (the fixe
 part, the step, the data held, the queue, preprocessing; on a GPU the fitted
 device peak), with one safety margin on what training adds: see
 :mod:`autobatch._peak_lines`. Size-aware plans (one batch per length bucket) are
-in :mod:`autobatch.bucket_plan`, re-exported here.
+in :mod:`autobatch.bucket_plan`.
 
 The plan does not build its feed (feeds are a later stage):
 ``autobatch.feeds.make_feed(x, y, plan=plan)`` does.
@@ -38,10 +38,9 @@ from autobatch._peak_lines import (
 )
 from autobatch._plan_render import as_text, budget_line, peak_table, plan_view
 from autobatch._replicas import Distribution
-from autobatch._units import format_bytes
-from autobatch.bucket_plan import Bucket, BucketPlan, bucket_boundaries, expected_batch_max, make_bucket_plan
-from autobatch.errors import BudgetError, ConfigError
 from autobatch._result import ProbeResult
+from autobatch._units import format_bytes
+from autobatch.errors import BudgetError, ConfigError
 
 __all__ = [
     "CHILD_BASELINE_PART",
@@ -49,14 +48,9 @@ __all__ = [
     "DEVICE_PART",
     "FEW_STEPS",
     "PROCESS_PART",
-    "Bucket",
-    "BucketPlan",
     "BudgetUse",
     "Plan",
     "Strategy",
-    "bucket_boundaries",
-    "expected_batch_max",
-    "make_bucket_plan",
     "make_plan",
 ]
 

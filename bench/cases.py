@@ -23,8 +23,8 @@ import numpy as np
 import workload
 from measure import Ratio, Run, interleave, ratio, run_child, timed
 
-from autobatch._units import format_bytes
 from autobatch._peak_lines import DEFAULT_SAFETY
+from autobatch._units import format_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -118,6 +118,7 @@ result = {
     "limited_by": plan.limited_by,
     "explanation": plan.explanation,
     "confirmed": plan.confirmed,
+    "trials": [[t.batch_size, t.fits, t.peak_rss_bytes] for t in plan.probe.trials],
     "steps_per_epoch": plan.steps_per_epoch,
     "keras_steps": record.params["steps"],
     "steps_trained": record.steps,

@@ -10,8 +10,8 @@ import pytest
 import autobatch
 from autobatch import ProbeResult
 from autobatch._memory import Budget
-from autobatch.probe import StepTrial
 from autobatch._planning import confirm_plan
+from autobatch.probe import StepTrial
 
 import canonical
 

@@ -8,6 +8,7 @@ workers on 127.0.0.1 (child processes, each with its own ram_limit).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import subprocess
@@ -20,11 +21,11 @@ import pytest
 
 import autobatch
 from autobatch import ConfigError, ProbeResult
+from autobatch._distribute import Layout, agree, distribute_plan, replica_limits, strategy_layout
 from autobatch._memory import Budget
+from autobatch._replicas import ReplicaLimit
 from autobatch.plan import make_plan
 from autobatch.probe import StepTrial
-from autobatch._distribute import Layout, agree, distribute_plan, replica_limits, strategy_layout
-from autobatch._replicas import ReplicaLimit
 
 MiB = 1024**2
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -90,6 +91,11 @@ def test_the_worker_with_less_memory_sets_the_shared_batch_and_is_named():
     assert agreed[0].limited_by == "worker 1's host memory"
     assert agreed[0].explanation.startswith(f"batch {agreed[0].batch_size:,} per replica is limited by worker 1's host memory")
     assert agreed[1].limited_by in ("host memory", "max_batch_size") and "limited by max_batch_size" not in agreed[1].explanation
+    # The limiting worker keeps its own plan: what confirmed it, or the trials it is interpolated between.
+    assert agreed[1].explanation.startswith(plans[1].explanation) and agreed[1].confirmed == plans[1].confirmed
+    assert dataclasses.replace(agreed[1], distribution=None, explanation="", steps_per_epoch=0) == dataclasses.replace(
+        plans[1], explanation="", steps_per_epoch=0
+    )
 
 
 def test_gpu_limit_is_each_gpu_replicas_budget_and_a_preallocating_tensorflow_is_refused():

@@ -26,13 +26,13 @@ from hypothesis import strategies as st
 
 import autobatch
 from autobatch._data import ShardSource
-from autobatch._shard_files import ShardInfo
 from autobatch._memory import Budget
+from autobatch._result import ProbeResult, TensorSpec
+from autobatch._shard_files import ShardInfo
 from autobatch.errors import AutobatchError, ConfigError, DataError, PreprocessError
 from autobatch.feeds import InMemoryFeed, ShardFeed, ShardIndex, make_feed
 from autobatch.padding import pad_columns
 from autobatch.plan import Plan, make_plan
-from autobatch._result import ProbeResult, TensorSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -875,7 +875,7 @@ def test_to_tf_dataset_reports_a_batch_that_breaks_an_inferred_signature() -> No
 
 def test_batch_larger_than_the_probed_worst_case_logs_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     # The default preprocess gives 24 bytes per sample here (id int64, a and b float32, label int64).
-    with caplog.at_level("WARNING", logger="autobatch.feeds.base"):
+    with caplog.at_level("WARNING", logger="autobatch.feeds.checks"):
         InMemoryFeed(table(40), "label", batch_size=10, max_batch_bytes=240)[0]
         assert not caplog.records
         feed = InMemoryFeed(table(40), "label", batch_size=10, max_batch_bytes=200)
@@ -1664,6 +1664,6 @@ def test_pad_columns_feeds_check_batch_bytes_against_the_probe_as_python_does(
     for limit, warned in ((max(sizes), 0), (max(sizes) - 1, 1)):
         for feed in feeds(limit):
             caplog.clear()
-            with caplog.at_level("WARNING", logger="autobatch.feeds.base"):
+            with caplog.at_level("WARNING", logger="autobatch.feeds.checks"):
                 _epochs_of(feed.to_tf_dataset(SEQUENCES_SIGNATURE), 1)
             assert sum("probe's worst-case batch" in r.getMessage() for r in caplog.records) == warned, (limit, feed)

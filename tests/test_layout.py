@@ -18,7 +18,6 @@ PACKAGE = Path(__file__).resolve().parents[1] / "autobatch"
 STAGES: tuple[tuple[str, frozenset[str]], ...] = tuple(
     (name, frozenset(modules))
     for name, modules in (
-        # What every stage reads: units, errors, system memory, files, padding.
         # What every stage reads: units, errors, system memory, files, sequences, padding, the child's wire format.
         ("base", {
             "autobatch.errors", "autobatch._units", "autobatch._memory", "autobatch._cache", "autobatch._loading",
@@ -33,6 +32,8 @@ STAGES: tuple[tuple[str, frozenset[str]], ...] = tuple(
             "autobatch._peak_lines", "autobatch._plan_render", "autobatch._replicas", "autobatch.plan",
             "autobatch.bucket_plan", "autobatch._distribute",
         }),
+        # The tf.data paths that pad in TensorFlow: the feeds use them, they never import a feed.
+        ("native", {"autobatch.feeds.native"}),
         ("feeds", {"autobatch.feeds"}),
         ("monitor", {"autobatch._readings", "autobatch.monitor"}),
         ("api", {"autobatch._fit_checks", "autobatch._planning", "autobatch.api"}),
@@ -188,7 +189,15 @@ def test_the_graph_sees_lazy_type_checking_and_relative_imports_and_the_checks_f
     assert upward_imports(graph, stages) == ["pkg.low (low) -> pkg.high (high)"]
 
 
-@pytest.mark.parametrize("module", ["autobatch.plan", "autobatch.feeds.shards"])
-def test_the_real_graph_holds_known_edges(module):
+@pytest.mark.parametrize(
+    ("module", "imports"),
+    [("autobatch.plan", "autobatch._peak_lines"), ("autobatch.feeds.shards", "autobatch.feeds.native.shards")],
+)
+def test_the_real_graph_holds_known_edges(module, imports):
     graph = import_graph(PACKAGE)
-    assert "autobatch.errors" in graph[module] and "autobatch._data" not in graph.get("autobatch.errors", set())
+    assert imports in graph[module] and "autobatch.errors" in graph[module]
+    assert graph["autobatch.errors"] == set()
+
+
+def test_the_native_paths_are_a_stage_below_the_feeds():
+    assert stage_of("autobatch.feeds.native.columns") < stage_of("autobatch.feeds.shards") == stage_of("autobatch.feeds")

@@ -5,10 +5,10 @@ import warnings
 import pytest
 from rich.console import Console
 
-from autobatch.errors import ConfigError
-from autobatch._readings import MemoryReading, summary_from_log
-from autobatch.monitor import MemoryMonitor
 from autobatch._peak_lines import DEFAULT_SAFETY
+from autobatch._readings import MemoryReading, summary_from_log
+from autobatch.errors import ConfigError
+from autobatch.monitor import MemoryMonitor
 
 MiB = 1024**2
 

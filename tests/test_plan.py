@@ -8,11 +8,11 @@ from rich.console import Console
 
 from autobatch import BudgetError, ConfigError, ProbeResult, format_bytes
 from autobatch._memory import Budget
+from autobatch._replicas import Distribution, ReplicaLimit
+from autobatch._size_result import LengthMemoryModel, SizeAwareProbe
 from autobatch.bucket_plan import make_bucket_plan
 from autobatch.plan import make_plan
 from autobatch.probe import StepTrial
-from autobatch._replicas import Distribution, ReplicaLimit
-from autobatch._size_result import LengthMemoryModel, SizeAwareProbe
 
 MiB = 1024**2
 

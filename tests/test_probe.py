@@ -13,9 +13,9 @@ import pytest
 import autobatch
 from autobatch import ModelError, PreprocessError, ProbeError, ProbeResult
 from autobatch._cache import cache_dir
-from autobatch._units import format_bytes
 from autobatch._child import Child, child_environment
 from autobatch._data import as_in_memory, sample_in_memory
+from autobatch._units import format_bytes
 from autobatch.probe import Prober, StepTrial
 
 import canonical

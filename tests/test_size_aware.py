@@ -15,14 +15,14 @@ from rich.console import Console
 
 import autobatch
 from autobatch import ProbeResult
-from autobatch._memory import Budget
-from autobatch.probe import TensorSpec
 from autobatch._lengths import detect_sequence_columns, sample_lengths
+from autobatch._memory import Budget
+from autobatch._peak_lines import DEFAULT_SAFETY
+from autobatch._size_result import GridTrial, LengthMemoryModel, SizeAwareProbe, fit_length_model
+from autobatch.bucket_plan import bucket_boundaries, expected_batch_max, make_bucket_plan
 from autobatch.cli import main
 from autobatch.errors import BudgetError, ConfigError, DataError, PreprocessError
-from autobatch._peak_lines import DEFAULT_SAFETY
-from autobatch.bucket_plan import bucket_boundaries, expected_batch_max, make_bucket_plan
-from autobatch._size_result import GridTrial, LengthMemoryModel, SizeAwareProbe, fit_length_model
+from autobatch.probe import TensorSpec
 
 import canonical
 

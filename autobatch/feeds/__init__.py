@@ -25,8 +25,8 @@ from typing import Any, Literal
 from autobatch.errors import ConfigError
 from autobatch.feeds.base import BaseFeed, build_feed
 from autobatch.feeds.in_memory import InMemoryFeed
-from autobatch.feeds.shards import ShardFeed
 from autobatch.feeds.shard_set import ShardIndex
+from autobatch.feeds.shards import ShardFeed
 from autobatch.feeds.size_aware import SizeAwareFeed, make_size_aware_feed
 from autobatch.feeds.size_aware_shards import SizeAwareShardFeed
 
@@ -128,7 +128,7 @@ def make_feed(
         )
     if plan is None and batch_size is None:
         raise ConfigError(
-            "make_feed needs `plan` (a Plan or BucketPlan from autobatch.plan) or `batch_size`. Received: neither"
+            "make_feed needs `plan` (from autobatch.plan() or autobatch.plan_size_aware()) or `batch_size`. Received: neither"
         )
     if plan is not None and hasattr(plan, "boundaries"):
         return make_size_aware_feed(

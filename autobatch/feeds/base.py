@@ -29,12 +29,12 @@ from typing import Any
 import keras
 import numpy as np
 
+from autobatch._preprocess import Preprocess, _resolve_preprocess
+from autobatch._result import TensorSpec
 from autobatch.errors import AutobatchError, ConfigError, DataError, PreprocessError
 from autobatch.feeds.checks import BatchChecks, FeedStats, NanPolicy, _check_batch_size, _check_nan_policy
 from autobatch.feeds.export import TfDataExport
 from autobatch.padding import count_truncations
-from autobatch._preprocess import Preprocess, _resolve_preprocess
-from autobatch._result import TensorSpec
 
 logger = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from typing import Any, Literal
 
 import numpy as np
 
+from autobatch._preprocess import _leaves
 from autobatch._units import format_bytes
 from autobatch.errors import ConfigError, DataError, PreprocessError
 from autobatch.padding import Truncations
-from autobatch._preprocess import _leaves
 
 logger = logging.getLogger(__name__)
 

@@ -40,12 +40,12 @@ import keras
 import numpy as np
 
 from autobatch._distribute import Layout, current_strategy, strategy_layout
+from autobatch._result import TensorSpec
 from autobatch._tfdata import prefetched
 from autobatch.errors import AutobatchError, ConfigError
 from autobatch.feeds.base import BaseFeed
 from autobatch.feeds.buckets import Bucketed
 from autobatch.feeds.shards import ShardFeed
-from autobatch._result import TensorSpec
 
 logger = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from autobatch._result import TensorSpec
 from autobatch._tfdata import prefetched
 from autobatch.errors import AutobatchError, ConfigError, PreprocessError
-from autobatch._result import TensorSpec
 
 SAMPLE_WEIGHT = "sample_weight"
 """Name of the sample-weight array in signatures (the probe names inputs ``x/...`` and targets ``y...``)."""
