@@ -8,7 +8,6 @@ Plain result dataclasses, so that :class:`~autobatch.plan.Plan` can hold a
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from autobatch._units import format_bytes
 
