@@ -396,11 +396,15 @@ class ClusterSummary:
         return sum(w.samples for w in self.workers)
 
     def __rich__(self) -> Any:
+        from rich import box
         from rich.table import Table
 
-        table = Table(title="autobatch workers", header_style="bold")
-        for name in ("worker", "peak RSS (VmHWM)", "predicted", "budget", "peak GPU", "samples", "samples/s"):
-            table.add_column(name, justify="left" if name == "worker" else "right")
+        # One row per worker that fits 80 columns: no cell wraps.
+        table = Table(
+            title="autobatch workers", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold"
+        )
+        for name in ("worker", "peak RSS", "predicted", "budget", "peak GPU", "samples", "samples/s"):
+            table.add_column(name, justify="left" if name == "worker" else "right", no_wrap=True)
         for w in self.workers:
             pct = f" ({w.peak_rss_bytes / w.host_budget_bytes:.0%})" if w.host_budget_bytes else ""
             table.add_row(

@@ -400,3 +400,24 @@ def test_two_workers_agree_on_the_batch_the_smaller_ram_limit_allows_and_share_e
     rows = [i for s in by_file for call in s["consumed"] for i in call]
     assert sorted(rows) == list(range(sum(sizes)))
     assert by_file[0]["epoch"] == by_file[1]["epoch"] == 2  # both advanced with Keras's epochs
+
+
+def test_the_workers_summary_is_one_unwrapped_row_per_worker_in_80_columns():
+    import io
+
+    from rich.console import Console
+
+    from autobatch._distribute import ClusterSummary, WorkerMemory
+
+    workers = (
+        WorkerMemory(0, 916 * MiB, 1400 * MiB, 982 * MiB, None, 1_500, 0.5),
+        WorkerMemory(1, 1010 * MiB, 1024 * MiB, 990 * MiB, 7 * 1024 * MiB, 1_500, 0.6),
+    )
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(ClusterSummary(workers))
+    lines = console.export_text().splitlines()
+    assert max(map(len, lines)) <= 80
+    rows = [line.split() for line in lines if line.split()[:1] in (["0"], ["1"])]
+    assert [row[:4] for row in rows] == [["0", "916.0", "MiB", "(65%)"], ["1", "1010.0", "MiB", "(99%)"]], lines
+    assert rows[0][-3:] == ["-", "1,500", "3,000.0"] and rows[1][-4:] == ["7.0", "GiB", "1,500", "2,500.0"], lines
+    assert "3,000 samples trained over 2 worker(s)" in "\n".join(lines)
