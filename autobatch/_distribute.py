@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from autobatch._memory import Budget, gpu_budget
+from autobatch._render import compact_table
 from autobatch._replicas import Distribution, ReplicaLimit
 from autobatch._result import ProbeResult
 from autobatch._units import format_bytes
@@ -396,13 +397,8 @@ class ClusterSummary:
         return sum(w.samples for w in self.workers)
 
     def __rich__(self) -> Any:
-        from rich import box
-        from rich.table import Table
-
         # One row per worker that fits 80 columns: no cell wraps.
-        table = Table(
-            title="autobatch workers", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold"
-        )
+        table = compact_table("autobatch workers")
         for name in ("worker", "peak RSS", "predicted", "budget", "peak GPU", "samples", "samples/s"):
             table.add_column(name, justify="left" if name == "worker" else "right", no_wrap=True)
         for w in self.workers:

@@ -6,24 +6,12 @@ table wraps, as a paragraph.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from typing import Any
 
 from autobatch._peak_lines import BudgetUse
+from autobatch._render import compact_table
 from autobatch._units import format_bytes
-
-WIDTH = 80
-"""Columns ``str(plan)`` renders at."""
-
-
-def as_text(renderable: Any, *, width: int = WIDTH) -> str:
-    """What ``renderable`` prints as plain text, ``width`` columns wide."""
-    from rich.console import Console
-
-    console = Console(width=width, record=True, file=io.StringIO())
-    console.print(renderable)
-    return console.export_text()
 
 
 def _share(part: int, whole: int) -> str:
@@ -47,10 +35,7 @@ def budget_line(use: BudgetUse) -> Any:
 
 def peak_table(uses: Sequence[BudgetUse]) -> Any:
     """The predicted peak of every budget, then its parts, one row each: name, bytes, share of that peak."""
-    from rich import box
-    from rich.table import Table
-
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
+    table = compact_table()
     table.add_column("predicted peak", no_wrap=True)
     table.add_column("bytes", justify="right", no_wrap=True)
     table.add_column("share", justify="right", no_wrap=True)

@@ -7,7 +7,6 @@ the step's memory against the batch size from :attr:`ProbeResult.host_curve`.
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import math
 import os
@@ -17,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 from autobatch import _cache
+from autobatch._render import as_text, compact_table
 from autobatch._units import format_bytes
 
 logger = logging.getLogger(__name__)
@@ -238,14 +238,10 @@ class ProbeResult:
         return cls(**fields)
 
     def __rich__(self) -> Any:
-        from rich import box
-        from rich.table import Table
         from rich.text import Text
 
         # Names and numbers never wrap: how each was measured goes on a dim line of its own under the name.
-        table = Table(
-            title="autobatch probe", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold"
-        )
+        table = compact_table("autobatch probe")
         table.add_column("measurement (how)", overflow="fold")
         table.add_column("value", justify="right", no_wrap=True)
 
@@ -286,9 +282,5 @@ class ProbeResult:
         return table
 
     def __str__(self) -> str:
-        from rich.console import Console
-
-        console = Console(width=80, record=True, file=io.StringIO())
-        console.print(self)
-        return console.export_text()
+        return as_text(self)
 

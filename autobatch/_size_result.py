@@ -8,13 +8,13 @@ confirming trial joins the grid.
 from __future__ import annotations
 
 import dataclasses
-import io
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
 
 from autobatch._result import ProbeResult
+from autobatch._render import as_text
 from autobatch._units import format_bytes
 
 
@@ -291,8 +291,4 @@ class SizeAwareProbe:
         return table
 
     def __str__(self) -> str:
-        from rich.console import Console
-
-        console = Console(width=110, record=True, file=io.StringIO())
-        console.print(self)
-        return console.export_text()
+        return as_text(self, width=110)

@@ -22,10 +22,18 @@ from typing import Any, TextIO
 
 from autobatch._memory import is_oom_error, peak_rss_bytes, reset_peak_rss, rss_bytes
 from autobatch._tfdata import prefetched
-from autobatch._wire import reply_line, sliced_to, unpack_batch
+from autobatch._wire import reply_line, unpack_batch
 
 Preload = Callable[[], object]
 """Imports what the training process holds besides TensorFlow and the model, before the baseline is measured."""
+
+
+def sliced_to(arrays: dict[str, Any], lengths: dict[str, list[int | None]]) -> dict[str, Any]:
+    """``arrays`` cut to ``lengths`` (per array, one entry per axis after the batch axis; ``None`` keeps it)."""
+    out = dict(arrays)
+    for name, axes in lengths.items():
+        out[name] = arrays[name][(slice(None), *(slice(None) if k is None else slice(0, k) for k in axes))]
+    return out
 
 
 def _send(out: TextIO, message: dict[str, Any]) -> None:

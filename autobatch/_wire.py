@@ -50,14 +50,6 @@ def unpack_batch(arrays: Any, structure: dict[str, Any]) -> tuple[Any, Any]:
     return build(structure["x"]), build(structure["y"])
 
 
-def sliced_to(arrays: dict[str, Any], lengths: dict[str, list[int | None]]) -> dict[str, Any]:
-    """``arrays`` cut to ``lengths`` (per array, one entry per axis after the batch axis; ``None`` keeps it)."""
-    out = dict(arrays)
-    for name, axes in lengths.items():
-        out[name] = arrays[name][(slice(None), *(slice(None) if k is None else slice(0, k) for k in axes))]
-    return out
-
-
 def reply_line(message: dict[str, Any]) -> str:
     """One reply as the child writes it on its stdout."""
     return REPLY_PREFIX + json.dumps(message) + "\n"

@@ -16,7 +16,8 @@ from typing import Any
 
 from autobatch._memory import Budget
 from autobatch._peak_lines import DEVICE_PART, BudgetUse, Margin, Strategy, allowed, budget_use, host_terms
-from autobatch._plan_render import as_text, budget_line, plan_view
+from autobatch._plan_render import budget_line, plan_view
+from autobatch._render import as_text, compact_table
 from autobatch._result import ProbeResult
 from autobatch._units import format_bytes
 from autobatch.errors import BudgetError, ConfigError
@@ -214,11 +215,9 @@ class BucketPlan:
         return data
 
     def __rich__(self) -> Any:
-        from rich import box
-        from rich.table import Table
         from rich.text import Text
 
-        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
+        table = compact_table()
         for name in ("lengths", "batch", "samples", "steps", "peak", "limited by"):
             table.add_column(name, justify="left" if name in ("lengths", "limited by") else "right", no_wrap=True)
         for b in self.buckets:

@@ -36,7 +36,8 @@ from autobatch._peak_lines import (
     piece_at,
     pieces_allowed,
 )
-from autobatch._plan_render import as_text, budget_line, peak_table, plan_view
+from autobatch._plan_render import budget_line, peak_table, plan_view
+from autobatch._render import as_text
 from autobatch._replicas import Distribution
 from autobatch._result import ProbeResult
 from autobatch._units import format_bytes

@@ -78,15 +78,20 @@ def test_usage_errors_exit_2(args):
 TF_START_UP = ("port.cc", "cudart_stub.cc", "cuInit", "absl::InitializeLog")
 
 
-def test_installed_console_script_with_a_model(shard_dirs):
-    """The real `autobatch` executable, a real model probed in a child, JSON out, no TensorFlow start-up lines."""
+def probe_with_the_console_script(data: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    """The real `autobatch probe` on ``data`` with a real model, as a user's shell starts it: no log level set."""
     exe = Path(sys.executable).with_name("autobatch")
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    out = subprocess.run(
-        [str(exe), "probe", str(shard_dirs / "parquet"), "--target", "label", "--preprocess", PREPROCESS,
-         "--model", MODEL, "--ram-limit", "2GiB", "--trial-batch-sizes", "4,16", "--json", "--no-cache"],
+    return subprocess.run(
+        [str(exe), "probe", str(data), "--target", "label", "--preprocess", PREPROCESS, "--model", MODEL,
+         "--ram-limit", "2GiB", "--no-cache", *flags],
         capture_output=True, text=True, timeout=600, env=env,
     )
+
+
+def test_installed_console_script_with_a_model(shard_dirs):
+    """The real `autobatch` executable, a real model probed in a child, JSON out, no TensorFlow start-up lines."""
+    out = probe_with_the_console_script(shard_dirs / "parquet", "--trial-batch-sizes", "4,16", "--json")
     assert out.returncode == 0, out.stderr[-2000:]
     assert not [line for line in out.stderr.splitlines() if any(s in line for s in TF_START_UP)], out.stderr
     data = json.loads(out.stdout)
@@ -96,13 +101,7 @@ def test_installed_console_script_with_a_model(shard_dirs):
 
 
 def test_debug_shows_tensorflows_start_up_logging_from_the_probe_child(shard_dirs):
-    exe = Path(sys.executable).with_name("autobatch")
-    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    out = subprocess.run(
-        [str(exe), "probe", str(shard_dirs / "parquet"), "--target", "label", "--preprocess", PREPROCESS,
-         "--model", MODEL, "--ram-limit", "2GiB", "--trial-batch-sizes", "4", "--no-confirm", "--no-cache", "--debug"],
-        capture_output=True, text=True, timeout=600, env=env,
-    )
+    out = probe_with_the_console_script(shard_dirs / "parquet", "--trial-batch-sizes", "4", "--no-confirm", "--debug")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "probe child (pid" in out.stderr and "port.cc" in out.stderr, out.stderr[-2000:]
 

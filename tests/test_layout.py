@@ -18,11 +18,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "autobatch"
 STAGES: tuple[tuple[str, frozenset[str]], ...] = tuple(
     (name, frozenset(modules))
     for name, modules in (
-        # What every stage reads: units, errors, system memory, files, sequences, padding, the child's wire format.
+        # What every stage reads: units, errors, system memory, files, sequences, padding, the wire format, rendering.
         ("base", {
             "autobatch.errors", "autobatch._units", "autobatch._memory", "autobatch._cache", "autobatch._loading",
             "autobatch._tfdata", "autobatch._shipping", "autobatch._shard_files", "autobatch._data",
-            "autobatch._sequences", "autobatch.padding", "autobatch._lengths", "autobatch._wire",
+            "autobatch._sequences", "autobatch.padding", "autobatch._lengths", "autobatch._wire", "autobatch._render",
         }),
         ("probe", {
             "autobatch._result", "autobatch._preprocess", "autobatch._sweep", "autobatch._trial", "autobatch._child",
